@@ -1,0 +1,53 @@
+"""Config helpers shared by the entry points: OmegaConf resolvers, validation of the top-level keys, precision."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from landmark_unet.data.organs import ORGANS
+from landmark_unet.errors import InputError
+
+CONTENTS = {"fat": ["fat"], "water": ["water"], "both": ["fat", "water"]}
+
+
+def organs_of(organ: str) -> list[str]:
+    """``organ=liver`` -> ["liver"]; ``organ=all`` -> every organ."""
+    return list(ORGANS) if organ == "all" else [organ]
+
+
+def register_resolvers() -> None:
+    """``${organs:${organ}}``, ``${channels:${content}}`` and ``${len:...}`` for the configs."""
+    for name, fn in {
+        "organs": organs_of,
+        "channels": lambda content: list(CONTENTS.get(content, [content])),
+        "len": lambda x: len(x),
+    }.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the top-level experiment keys before anything is built.
+
+    Raises:
+        InputError: unknown ``organ`` or ``content``.
+    """
+    organ = cfg.get("organ")
+    if organ not in (*ORGANS, "all"):
+        raise InputError("organ", f"unknown organ {organ!r} (choose from {', '.join(ORGANS)}, all)")
+    content = cfg.get("content")
+    if content not in CONTENTS:
+        raise InputError("content", f"unknown content {content!r} (choose from {', '.join(CONTENTS)})")
+
+
+def resolve_precision(precision: str | int) -> str | int:
+    """``auto``: bf16 mixed precision on a GPU that supports it, fp16 mixed on other GPUs, fp32 on the CPU."""
+    if str(precision) != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"

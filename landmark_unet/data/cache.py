@@ -1,0 +1,233 @@
+"""Preprocessed, memory-mapped, fingerprinted per-subject cache.
+
+One folder per subject and fingerprint, ``<cache_dir>/<subject>-<fingerprint>/``:
+
+- ``image.npy``  float16 (Z, C, X, Y): intensity-normalised channels, axial slice k contiguous at ``[k]``;
+- ``labels.npy`` uint8 (Z, X, Y): organ masks packed as bits (bit i = ``ORGANS[i]``, see :func:`organ_bit`),
+  so that overlapping annotations survive;
+- ``meta.json``: geometry (spacing, affines, shapes), landmarks, channels, organs, per-slice organ bits,
+  organ volumes and the normalisation used.
+
+The fingerprint hashes the source files (path, size, modification time) and the preprocessing settings, so a
+changed file or setting gives a new folder. Folders are written under a temporary hidden name and renamed into
+place, so an interrupted build never leaves a folder that looks complete. Readers open the arrays memory-mapped
+per access and copy out only what they need, so resident memory stays small however many subjects there are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from landmark_unet.data.organs import ORGANS, organ_bit
+from landmark_unet.data.subject import Subject
+
+CACHE_VERSION = 1
+NORMALISATIONS = ("percentile", "zscore", "none")
+
+
+def normalise_channel(x: np.ndarray, method: str) -> tuple[np.ndarray, dict]:
+    """Normalise one channel (X, Y, Z) float32.
+
+    ``percentile``: divide by the 99.5th percentile of the non-zero voxels (MRI magnitudes, keeps 0 at 0 and the
+    fat/water ratio per voxel); ``zscore``: subtract the mean and divide by the standard deviation of the
+    non-zero voxels; ``none``: unchanged.
+    """
+    if method == "none":
+        return x, {"method": method}
+    sample = x[::2, ::2, ::2]
+    sample = sample[sample != 0]
+    if sample.size == 0:
+        return x, {"method": method, "empty": True}
+    if method == "percentile":
+        scale = float(np.percentile(sample, 99.5)) or 1.0
+        return x / scale, {"method": method, "scale": scale}
+    if method == "zscore":
+        mean, std = float(sample.mean()), float(sample.std()) or 1.0
+        return (x - mean) / std, {"method": method, "mean": mean, "std": std}
+    raise ValueError(f"unknown normalisation {method!r}")
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A cached subject. Arrays are read lazily from ``path``; ``meta`` holds everything else."""
+
+    path: Path
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Canonical spatial shape (X, Y, Z)."""
+        return tuple(self.meta["shape"])  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> list[str]:
+        return self.meta["channels"]
+
+    @property
+    def slice_bits(self) -> np.ndarray:
+        """(Z,) uint8: OR of the organ bits present in each axial slice."""
+        return np.asarray(self.meta["slice_bits"], dtype=np.uint8)
+
+    @property
+    def landmarks(self) -> np.ndarray | None:
+        lm = self.meta.get("landmarks")
+        return None if lm is None else np.asarray(lm, dtype=np.float64)
+
+    def _open(self, name: str) -> np.ndarray:
+        return np.load(self.path / name, mmap_mode="r")
+
+    def image_slice(self, k: int, channels: Sequence[int] | None = None) -> np.ndarray:
+        """Axial slice ``k`` as float32 (C', X, Y) for the channel indices ``channels`` (all when None)."""
+        arr = self._open("image.npy")[k]
+        if channels is not None:
+            arr = arr[list(channels)]
+        return np.array(arr, dtype=np.float32)
+
+    def label_slice(self, k: int) -> np.ndarray:
+        """Axial slice ``k`` of the packed labels, uint8 (X, Y)."""
+        return np.array(self._open("labels.npy")[k])
+
+    def image_volume(self) -> np.ndarray:
+        """All slices, float16 (Z, C, X, Y) (memory-mapped, read-only)."""
+        return self._open("image.npy")
+
+    def label_volume(self) -> np.ndarray:
+        """Packed labels, uint8 (Z, X, Y) (memory-mapped, read-only)."""
+        return self._open("labels.npy")
+
+
+def fingerprint(files: Sequence[str], settings: dict) -> str:
+    """Hex digest of the source files' (path, size, mtime) and the preprocessing ``settings``."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps({"version": CACHE_VERSION, **settings}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def pack_labels(subject: Subject) -> np.ndarray:
+    """Masks (K, X, Y, Z) -> packed uint8 (Z, X, Y), bit ``organ_bit(organ)`` set where the organ is."""
+    packed = np.zeros(subject.shape, dtype=np.uint8)
+    for organ, mask in zip(subject.organs, subject.masks):
+        packed |= (mask.astype(bool) * np.uint8(organ_bit(organ))).astype(np.uint8)
+    return np.ascontiguousarray(packed.transpose(2, 0, 1))
+
+
+def write_entry(subject: Subject, final: Path, normalisation: str, fp: str) -> CacheEntry:
+    """Preprocess ``subject`` and write its cache folder atomically to ``final``."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        channels, norms = [], []
+        for c in range(subject.image.shape[0]):
+            x, info = normalise_channel(subject.image[c], normalisation)
+            channels.append(x.astype(np.float16))
+            norms.append(info)
+        image = np.ascontiguousarray(np.stack(channels).transpose(3, 0, 1, 2))  # (Z, C, X, Y)
+        np.save(tmp / "image.npy", image)
+        labels = pack_labels(subject)
+        np.save(tmp / "labels.npy", labels)
+        slice_bits = np.bitwise_or.reduce(labels.reshape(labels.shape[0], -1), axis=1)
+        meta = {
+            "name": subject.name,
+            "fingerprint": fp,
+            "shape": list(subject.shape),
+            "channels": list(subject.channels),
+            "organs": list(subject.organs),
+            "spacing": subject.spacing.tolist(),
+            "affine": subject.affine.tolist(),
+            "source_affine": None if subject.source_affine is None else subject.source_affine.tolist(),
+            "source_shape": None if subject.source_shape is None else list(subject.source_shape),
+            "landmarks": None if subject.landmarks is None else subject.landmarks.tolist(),
+            "slice_bits": slice_bits.tolist(),
+            "organ_voxels": {o: int(m.sum(dtype=np.int64)) for o, m in zip(subject.organs, subject.masks)},
+            "normalisation": norms,
+            "files": subject.files,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same entry first
+            if not (final / "meta.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_entry(final)
+
+
+def load_entry(path: Path) -> CacheEntry:
+    return CacheEntry(path=path, meta=json.loads((path / "meta.json").read_text()))
+
+
+@dataclass(frozen=True)
+class CacheJob:
+    """What it takes to cache one subject: a reader, the source files for the fingerprint, the settings."""
+
+    name: str
+    files: tuple[str, ...]
+    read: Callable[[], Subject]
+
+
+def _build_one(args: tuple[CacheJob, Path, str]) -> CacheEntry:
+    job, cache_dir, normalisation = args
+    fp = fingerprint(job.files, {"normalisation": normalisation})
+    final = cache_dir / f"{job.name}-{fp}"
+    if (final / "meta.json").exists():
+        return load_entry(final)
+    return write_entry(job.read(), final, normalisation, fp)
+
+
+def build_cache(
+    jobs: Sequence[CacheJob],
+    cache_dir: str | Path,
+    normalisation: str = "percentile",
+    workers: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[CacheEntry]:
+    """Cache every subject of ``jobs`` (reusing complete entries) and return their entries in order.
+
+    Args:
+        jobs: one :class:`CacheJob` per subject.
+        cache_dir: folder holding the entries.
+        normalisation: one of :data:`NORMALISATIONS`.
+        workers: processes for the subjects still to build (0: in this process).
+        progress: called as ``progress(done, total)`` after each subject.
+    """
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {normalisation!r}")
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    args = [(job, cache_dir, normalisation) for job in jobs]
+    entries: list[CacheEntry] = []
+    if workers > 0 and len(jobs) > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            for entry in pool.imap(_build_one, args):
+                entries.append(entry)
+                if progress:
+                    progress(len(entries), len(jobs))
+    else:
+        for a in args:
+            entries.append(_build_one(a))
+            if progress:
+                progress(len(entries), len(jobs))
+    return entries
+
+
+__all__ = ["ORGANS", "CacheEntry", "CacheJob", "build_cache", "fingerprint", "normalise_channel"]

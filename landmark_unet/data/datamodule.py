@@ -1,0 +1,219 @@
+"""LightningDataModule of 2D axial slices: data source -> cache -> split -> slice datasets.
+
+Training visits only the slices that hold the organ(s) being learned (the study's section 3.4.2); validation and
+test visit every slice of their bodies, in order, so that predictions can be scored per body in 3D.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from landmark_unet.data.cache import CacheEntry, CacheJob, build_cache
+from landmark_unet.data.organs import ORGANS, organ_bit
+from landmark_unet.data.slices import SliceDataset, padded_size, slice_index
+from landmark_unet.data.sources import CHANNEL_FILES, list_folder_subjects, read_folder_subject
+from landmark_unet.data.splits import load_split, make_split, save_split
+from landmark_unet.errors import InputError
+
+log = logging.getLogger(__name__)
+SOURCES = ("phantom", "folder")
+
+
+def phantom_root(cache_dir: str | Path, phantom: dict) -> Path:
+    """Folder of the built-in phantom with these settings: ``<cache_dir>/phantom/<hash of the settings>``."""
+    settings = {k: v for k, v in phantom.items() if k != "workers"}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cache_dir) / "phantom" / key
+
+
+def ensure_phantom(root: Path, phantom: dict) -> Path:
+    """Generate the phantom into ``root`` unless a complete one (``phantom.json`` present) is already there."""
+    if (root / "phantom.json").exists():
+        return root
+    from landmark_unet.data.phantom import PhantomConfig, generate_dataset
+
+    settings = dict(phantom)
+    n_subjects = int(settings.pop("n_subjects"))
+    seed = int(settings.pop("seed"))
+    workers = int(settings.pop("workers", 1))
+    cfg = PhantomConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in settings.items()})
+    log.info("generating the phantom (%d subjects, shape %s) into %s", n_subjects, list(cfg.shape), root)
+    generate_dataset(root, n_subjects=n_subjects, seed=seed, cfg=cfg, workers=workers)
+    return root
+
+
+class SliceDataModule(pl.LightningDataModule):
+    """2D slices of one dataset for one split round.
+
+    Args:
+        source: ``phantom`` (generated on first use into the cache folder) or ``folder`` (DESIGN.md layout).
+        root: dataset folder (``data.root``); for ``phantom`` it defaults to a folder in ``cache_dir``.
+        cache_dir: where the phantom and the preprocessed cache live.
+        organs: organs to segment, one output channel each.
+        channels: image channels, e.g. ``["fat", "water"]``.
+        phantom: phantom settings (``n_subjects``, ``seed``, ``shape``, ... see ``conf/data/phantom.yaml``).
+        split: ``rounds``, ``round``, ``val_fraction``, ``seed`` and optionally ``file`` (a splits.json to reuse).
+        batch_size: slices per training batch.
+        eval_batch_size: slices per validation / test batch (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        normalisation: intensity normalisation of the cache (``percentile``, ``zscore``, ``none``).
+        pad_multiple: slices are zero-padded so that H and W are divisible by this (16 for a 4-level U-Net).
+        cache_workers: processes used to build the cache (0: in this process).
+        splits_out: where to save the split (the run's splits.json); None to not save.
+    """
+
+    def __init__(
+        self,
+        source: str = "phantom",
+        root: str | None = None,
+        cache_dir: str = ".cache",
+        organs: Sequence[str] = ("liver",),
+        channels: Sequence[str] = ("fat", "water"),
+        phantom: dict | None = None,
+        split: dict | None = None,
+        batch_size: int = 10,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        normalisation: str = "percentile",
+        pad_multiple: int = 16,
+        cache_workers: int = 0,
+        splits_out: str | None = None,
+    ):
+        super().__init__()
+        if source not in SOURCES:
+            raise InputError("data.source", f"unknown source {source!r} (choose from {', '.join(SOURCES)})")
+        for organ in organs:
+            if organ not in ORGANS:
+                raise InputError("organ", f"unknown organ {organ!r} (choose from {', '.join(ORGANS)}, all)")
+        for channel in channels:
+            if channel not in CHANNEL_FILES:
+                raise InputError("content", f"unknown channel {channel!r} (choose from {', '.join(CHANNEL_FILES)})")
+        if batch_size < 1:
+            raise InputError("data.batch_size", f"must be >= 1, got {batch_size}")
+        self.source = source
+        self.root = root
+        self.cache_dir = Path(cache_dir)
+        self.organs = list(organs)
+        self.channels = list(channels)
+        self.phantom = dict(phantom or {})
+        self.split_cfg = dict(split or {})
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.normalisation = normalisation
+        self.pad_multiple = pad_multiple
+        self.cache_workers = cache_workers
+        self.splits_out = splits_out
+        self.subject_names: list[str] = []
+        self.split: dict[str, list[str]] = {}
+        self.entries: dict[str, CacheEntry] = {}
+        self._ready = False
+
+    # -- data on disk -------------------------------------------------------------------------------------------
+    def dataset_root(self) -> Path:
+        if self.root is not None:
+            return Path(self.root)
+        if self.source == "phantom":
+            return phantom_root(self.cache_dir, self.phantom)
+        raise InputError("data.root", "no dataset folder given (set data.root=DIR)")
+
+    def prepare_data(self) -> None:
+        if self.source == "phantom" and self.root is None:
+            ensure_phantom(self.dataset_root(), self.phantom)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        self.prepare_data()
+        root = self.dataset_root()
+        subject_dirs = {p.name: p for p in list_folder_subjects(root)}
+        if self.split_cfg.get("file"):
+            self.split = load_split(self.split_cfg["file"])
+            missing = sorted(set(sum((self.split[k] for k in ("train", "val", "test")), [])) - set(subject_dirs))
+            if missing:
+                raise InputError(self.split_cfg["file"], f"names subjects not in {root}: {', '.join(missing[:5])}")
+        else:
+            params = {k: self.split_cfg[k] for k in ("rounds", "round", "val_fraction", "seed") if k in self.split_cfg}
+            self.split = make_split(list(subject_dirs), **params)
+        if self.splits_out:
+            save_split(self.splits_out, self.split, root=str(root), **{k: v for k, v in self.split_cfg.items() if k != "file"})
+        self.subject_names = sorted(set(self.split["train"]) | set(self.split["val"]) | set(self.split["test"]))
+        read_channels = tuple(c for c in CHANNEL_FILES if (subject_dirs[self.subject_names[0]] / CHANNEL_FILES[c]).exists())
+        if not set(self.channels) <= set(read_channels):
+            raise InputError(subject_dirs[self.subject_names[0]], f"lacks channel(s) {sorted(set(self.channels) - set(read_channels))}")
+        jobs = [
+            CacheJob(
+                name=name,
+                files=_subject_files(subject_dirs[name], read_channels),
+                read=functools.partial(read_folder_subject, subject_dirs[name], read_channels, ORGANS, True),
+            )
+            for name in self.subject_names
+        ]
+        log.info("caching %d subjects in %s", len(jobs), self.cache_dir / "subjects")
+        entries = build_cache(jobs, self.cache_dir / "subjects", self.normalisation, workers=self.cache_workers)
+        self.entries = dict(zip(self.subject_names, entries))
+        self.channel_index = [entries[0].channels.index(c) for c in self.channels]
+        self.size = padded_size(entries, self.pad_multiple)
+        self._ready = True
+
+    # -- datasets -----------------------------------------------------------------------------------------------
+    def subject_id(self, name: str) -> int:
+        return self.subject_names.index(name)
+
+    def dataset(self, part: str, organ_slices_only: bool) -> SliceDataset:
+        names = self.split[part]
+        entries = [self.entries[n] for n in names]
+        index = slice_index(entries, self.organs, organ_slices_only)
+        return SliceDataset(entries, [self.subject_id(n) for n in names], index, self.channel_index, self.organs, self.size)
+
+    def _loader(self, dataset: SliceDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train", organ_slices_only=True)
+        if len(ds) == 0:
+            raise InputError("organ", f"no training slice holds {'/'.join(self.organs)}")
+        return self._loader(ds, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        part = "val" if self.split["val"] else "test"
+        return self._loader(self.dataset(part, organ_slices_only=False), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset("test", organ_slices_only=False), self.eval_batch_size, shuffle=False)
+
+    def panel_slice(self) -> tuple[int, int]:
+        """(subject id, slice) shown in the TensorBoard image panel: the middle organ slice of the first
+        validation body that holds the organ(s)."""
+        bits = sum(organ_bit(o) for o in self.organs)
+        names = self.split["val"] or self.split["test"]
+        for name in names:
+            ks = np.flatnonzero(self.entries[name].slice_bits & bits)
+            if len(ks):
+                return self.subject_id(name), int(ks[len(ks) // 2])
+        return self.subject_id(names[0]), self.entries[names[0]].shape[2] // 2
+
+
+def _subject_files(subject_dir: Path, channels: Sequence[str]) -> tuple[str, ...]:
+    files = [subject_dir / CHANNEL_FILES[c] for c in channels]
+    files += [subject_dir / "masks" / f"{o}.nii.gz" for o in ORGANS]
+    files.append(subject_dir / "landmarks.txt")
+    return tuple(str(f) for f in files if f.exists())

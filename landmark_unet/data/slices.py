@@ -1,0 +1,94 @@
+"""2D axial-slice datasets over cached subjects."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from landmark_unet.data.cache import CacheEntry
+from landmark_unet.data.organs import organ_bit
+
+
+def slice_index(entries: Sequence[CacheEntry], organs: Sequence[str], organ_slices_only: bool) -> np.ndarray:
+    """(N, 2) int64 rows ``[entry, k]`` of the axial slices to visit.
+
+    With ``organ_slices_only`` (the study's training set, section 3.4.2) only slices holding at least one voxel of
+    any of ``organs`` are kept; otherwise every slice of every entry, in order (whole-body evaluation).
+    """
+    bits = np.uint8(sum(organ_bit(o) for o in organs))
+    rows = []
+    for e, entry in enumerate(entries):
+        ks = np.arange(entry.shape[2])
+        if organ_slices_only:
+            ks = ks[(entry.slice_bits & bits) > 0]
+        rows.append(np.stack([np.full_like(ks, e), ks], axis=1))
+    return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 2), np.int64)
+
+
+def padded_size(entries: Sequence[CacheEntry], multiple: int) -> tuple[int, int]:
+    """Smallest (H, W) that holds every entry's axial slice (X, Y) and is divisible by ``multiple``."""
+    x = max(e.shape[0] for e in entries)
+    y = max(e.shape[1] for e in entries)
+    return (-(-x // multiple) * multiple, -(-y // multiple) * multiple)
+
+
+class SliceDataset(Dataset):
+    """Axial slices of cached subjects, zero-padded at the high end to a common size.
+
+    Each item is a dict:
+
+    - ``image``: float32 (C, H, W), the chosen channels of slice ``k`` (H along x, W along y);
+    - ``mask``: float32 (K, H, W), 0/1, one channel per organ of ``organs``;
+    - ``subject``: int, the subject's position in ``subject_ids`` (the DataModule's global subject index);
+    - ``slice``: int, the axial index k;
+    - ``size``: int64 (2,), the unpadded (X, Y), so that predictions can be cropped back.
+
+    Args:
+        entries: cached subjects.
+        subject_ids: global subject index of each entry.
+        index: (N, 2) rows ``[entry, k]`` from :func:`slice_index`.
+        channels: channel indices into the cached image to use.
+        organs: organ names, one mask channel each.
+        size: padded (H, W).
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[CacheEntry],
+        subject_ids: Sequence[int],
+        index: np.ndarray,
+        channels: Sequence[int],
+        organs: Sequence[str],
+        size: tuple[int, int],
+    ):
+        self.entries = list(entries)
+        self.subject_ids = list(subject_ids)
+        self.index = index
+        self.channels = list(channels)
+        self.bits = np.array([organ_bit(o) for o in organs], dtype=np.uint8)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        e, k = (int(v) for v in self.index[i])
+        entry = self.entries[e]
+        image = entry.image_slice(k, self.channels)
+        labels = entry.label_slice(k)
+        x, y = labels.shape
+        h, w = self.size
+        img = np.zeros((len(self.channels), h, w), np.float32)
+        img[:, :x, :y] = image
+        mask = np.zeros((len(self.bits), h, w), np.float32)
+        mask[:, :x, :y] = (labels[None] & self.bits[:, None, None]) > 0
+        return {
+            "image": torch.from_numpy(img),
+            "mask": torch.from_numpy(mask),
+            "subject": self.subject_ids[e],
+            "slice": k,
+            "size": torch.tensor([x, y], dtype=torch.int64),
+        }

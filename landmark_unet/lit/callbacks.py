@@ -1,0 +1,46 @@
+"""Small Lightning callbacks of our own."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import pytorch_lightning as pl
+import torch
+
+
+class EpochTimer(pl.Callback):
+    """Measures wall seconds of each training epoch (training batches only) and of each whole epoch with its
+    validation, and the peak memory of the run."""
+
+    def __init__(self):
+        self.train_seconds: list[float] = []
+        self.epoch_seconds: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # Lightning runs validation before on_train_epoch_end; on_validation_start marks the split below.
+        self.epoch_seconds.append(time.perf_counter() - self._t0)
+        if len(self.train_seconds) < len(self.epoch_seconds):
+            self.train_seconds.append(self.epoch_seconds[-1])
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit" and self._t0:
+            self.train_seconds.append(time.perf_counter() - self._t0)
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        """Mean training seconds per epoch, first epoch excluded when there are several (warm-up)."""
+        xs = self.train_seconds[1:] if len(self.train_seconds) > 1 else self.train_seconds
+        return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """Peak host resident memory of this process and, on CUDA, peak allocated GPU memory, in GiB."""
+    out = {"peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out

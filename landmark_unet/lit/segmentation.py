@@ -1,0 +1,149 @@
+"""One LightningModule for segmentation: loss, optimiser, per-body Dice, TensorBoard curves and image panels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from landmark_unet.metrics import PerBodyDice
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def valid_region(size: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Boolean (B, 1, H, W): True inside each sample's unpadded (X, Y) = ``size[b]``."""
+    h, w = shape[-2:]
+    rows = torch.arange(h, device=size.device)[None, :, None] < size[:, 0, None, None]
+    cols = torch.arange(w, device=size.device)[None, None, :] < size[:, 1, None, None]
+    return (rows & cols)[:, None]
+
+
+def display_slice(x: torch.Tensor) -> torch.Tensor:
+    """(X, Y) canonical axial slice -> (rows, cols) in radiological view (anterior up, patient right on the left)."""
+    return x.flip(0).flip(1).T
+
+
+class SegmentationModule(pl.LightningModule):
+    """Trains a network that maps images (B, C, H, W) to one logit map per organ (B, K, H, W).
+
+    The loss is the sum over organs of the mean binary cross-entropy with logits (the study's joint-learning loss,
+    section 3.4.3; for one organ it is plain BCE). Validation and test predict every slice of their bodies, cut the
+    probabilities at ``threshold`` and score Dice per body in 3D (:class:`~landmark_unet.metrics.PerBodyDice`).
+
+    Logged: ``train/loss``, ``val/loss``, ``val/dice/<organ>`` (mean over bodies), ``val/dice_mean`` (mean over
+    organs, the checkpoint monitor), and at test ``test/dice/<organ>``; with a TensorBoard logger also an image
+    panel ``val/panel`` (fat slice, probability, cut-off mask, ground truth; the study's Figures 8-10).
+
+    Args:
+        net: the network.
+        organs: organ names, one per output channel.
+        optimizer: factory taking the parameters (a Hydra ``_partial_`` optimizer).
+        scheduler: optional factory taking the optimizer; stepped once per epoch.
+        threshold: probability cut-off for the binary masks.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        organs: Sequence[str],
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        threshold: float = 0.5,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.net = net
+        self.organs = list(organs)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.threshold = threshold
+        self.val_dice = PerBodyDice()
+        self.test_dice = PerBodyDice()
+        self.panel_key: tuple[int, int] | None = None
+        self._panel: dict | None = None
+        self.test_result: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image (B, C, H, W) -> logits (B, K, H, W)."""
+        return self.net(image)
+
+    def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        per_organ = F.binary_cross_entropy_with_logits(logits.float(), mask, reduction="none").mean(dim=(0, 2, 3))
+        return per_organ.sum()
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "panel_slice"):
+            self.panel_key = dm.panel_slice()
+
+    # -- steps --------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(self(batch["image"]), batch["mask"])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def _evaluate(self, batch: dict, metric: PerBodyDice) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self(batch["image"])
+        valid = valid_region(batch["size"], logits.shape)
+        prob = torch.sigmoid(logits.float()) * valid
+        metric.update(prob > self.threshold, batch["mask"] > 0.5, batch["subject"])
+        return logits, prob
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits, prob = self._evaluate(batch, self.val_dice)
+        self.log("val/loss", self.loss(logits, batch["mask"]), on_epoch=True, batch_size=len(batch["image"]))
+        if self.panel_key is not None:
+            hit = (batch["subject"] == self.panel_key[0]) & (batch["slice"] == self.panel_key[1])
+            if hit.any():
+                i = int(hit.nonzero()[0])
+                self._panel = {"image": batch["image"][i, 0], "prob": prob[i], "mask": batch["mask"][i],
+                               "size": batch["size"][i]}
+
+    def on_validation_epoch_end(self) -> None:
+        _, dice = self.val_dice.per_body()
+        self.val_dice.reset()
+        means = dice.mean(dim=0)
+        for organ, value in zip(self.organs, means):
+            self.log(f"val/dice/{organ}", value.float())
+        self.log("val/dice_mean", means.mean().float(), prog_bar=True)
+        self._log_panel()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_dice)
+
+    def on_test_epoch_end(self) -> None:
+        ids, dice = self.test_dice.per_body()
+        self.test_dice.reset()
+        self.test_result = (ids.cpu(), dice.cpu())
+        for organ, value in zip(self.organs, dice.mean(dim=0)):
+            self.log(f"test/dice/{organ}", value.float())
+
+    # -- panels -------------------------------------------------------------------------------------------------
+    def _log_panel(self) -> None:
+        panel, self._panel = self._panel, None
+        writer = getattr(self.logger, "experiment", None)
+        if panel is None or not hasattr(writer, "add_image"):
+            return
+        x, y = (int(v) for v in panel["size"])
+        image = panel["image"][:x, :y].float()
+        image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-6)
+        rows = []
+        for k in range(len(self.organs)):
+            prob = panel["prob"][k, :x, :y].float()
+            cols = [image, prob, (prob > self.threshold).float(), panel["mask"][k, :x, :y].float()]
+            rows.append(torch.cat([display_slice(c) for c in cols], dim=1))
+        grid = torch.cat(rows, dim=0).clamp(0, 1).cpu()
+        writer.add_image("val/panel", grid[None], global_step=self.current_epoch)
+
+    # -- optimisation -------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),
+                                                         "interval": "epoch"}}

@@ -1,0 +1,71 @@
+"""What a run writes about itself: metrics.json, its overrides, environment and summary lines."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+from landmark_unet.data.nifti import atomic_write_bytes
+from landmark_unet.lit.callbacks import peak_memory_gib
+from landmark_unet.metrics import per_body_table
+
+
+def run_overrides() -> list[str]:
+    """The command-line overrides of the current Hydra job ([] outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - not running under @hydra.main (tests compose configs directly)
+        return []
+
+
+def checkpoint_callback(trainer: pl.Trainer) -> pl.callbacks.ModelCheckpoint | None:
+    return trainer.checkpoint_callback
+
+
+def versions() -> dict[str, str]:
+    import hydra
+    import numpy
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "lightning": pl.__version__,
+            "hydra": hydra.__version__, "numpy": numpy.__version__}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def write_metrics(path: Path, model, datamodule, extra: dict) -> dict:
+    """Assemble metrics.json from the model's test result and write it atomically."""
+    ids, dice = model.test_result
+    memory = peak_memory_gib()
+    metrics = {
+        "test": per_body_table(ids, dice, datamodule.subject_names, model.organs),
+        **extra,
+        "peak_memory_gib": memory.get("peak_gpu_gib", memory["peak_host_rss_gib"]),
+        **memory,
+        "split": {k: len(v) for k, v in datamodule.split.items() if isinstance(v, list)},
+        "versions": versions(),
+    }
+    atomic_write_bytes(path, json.dumps(metrics, indent=2).encode())
+    return metrics
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """One line per organ: mean and std of the per-body test Dice."""
+    spe = metrics.get("seconds_per_epoch")
+    tail = f", {spe:.1f} s/epoch" if isinstance(spe, float) and spe == spe else ""
+    return [
+        f"{organ:<9} test Dice {m['dice_mean']:.4f} ± {m['dice_std']:.4f} over {len(m['per_body'])} bodies{tail}"
+        for organ, m in metrics["test"].items()
+    ]

@@ -1,0 +1,80 @@
+"""Train and evaluate a segmentation model: ``python -m landmark_unet.train [overrides]``.
+
+Builds data, model, callbacks, logger and trainer from the Hydra config, fits, tests the best checkpoint on the
+held-out bodies and writes ``metrics.json`` into the run directory (with ``checkpoints/``, ``tb/`` and
+``splits.json`` beside it). Returns the mean test Dice (a sweeper's objective).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from landmark_unet.config import resolve_precision, validate
+from landmark_unet.errors import exit_on_input_error
+from landmark_unet.lit.callbacks import EpochTimer
+from landmark_unet.runinfo import checkpoint_callback, run_overrides, summary_lines, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one experiment from a composed config and return its metrics (also written to metrics.json)."""
+    t0 = time.perf_counter()
+    validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")  # read and validate the data before anything is written to the run
+    model = instantiate(cfg.model)
+    timer = EpochTimer()
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None] + [timer]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=logger, precision=resolve_precision(cfg.trainer.precision)
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    ckpt = checkpoint_callback(trainer)
+    best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    metrics = write_metrics(
+        out / "metrics.json",
+        model=model,
+        datamodule=datamodule,
+        extra={
+            "seconds_per_epoch": timer.seconds_per_epoch,
+            "epochs": trainer.current_epoch,
+            "checkpoint": best,
+            "best_val_dice_mean": float(ckpt.best_model_score) if best and ckpt.best_model_score is not None else None,
+            "wall_seconds": time.perf_counter() - t0,
+            "overrides": run_overrides(),
+            "precision": str(trainer.precision),
+        },
+    )
+    for line in summary_lines(metrics):
+        print(line, flush=True)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    with exit_on_input_error():
+        metrics = train(cfg)
+        means = [m["dice_mean"] for m in metrics["test"].values()]
+        return float(sum(means) / len(means))
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["train", "main", "OmegaConf"]

@@ -1,0 +1,54 @@
+"""Shared fixtures: a toy folder-layout dataset for reader tests, and helpers to compose the real Hydra config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from landmark_unet.data.nifti import save_nifti
+from landmark_unet.data.organs import ORGANS
+from landmark_unet.landmarks.io import write_landmarks
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def write_toy_subject(root: Path, name: str, shape=(20, 18, 16), seed: int = 0, affine=None) -> Path:
+    """A small subject in the folder layout: random images, one box per organ, two landmarks."""
+    rng = np.random.default_rng(seed)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0]) if affine is None else affine
+    d = root / name
+    fat = rng.uniform(0, 100, shape).astype(np.float32)
+    water = rng.uniform(0, 100, shape).astype(np.float32)
+    save_nifti(d / "fat.nii.gz", fat, affine)
+    save_nifti(d / "water.nii.gz", water, affine)
+    for i, organ in enumerate(ORGANS):
+        m = np.zeros(shape, np.uint8)
+        x0 = 1 + 3 * i
+        m[x0:x0 + 3, 4:10, 3 + i:8 + i] = 1
+        save_nifti(d / "masks" / f"{organ}.nii.gz", m, affine)
+    write_landmarks(d / "landmarks.txt", np.array([[4.0, 5.0, 2.0], [15.0, 5.0, 2.0]]))
+    return d
+
+
+@pytest.fixture
+def toy_root(tmp_path: Path) -> Path:
+    root = tmp_path / "toy"
+    for i in range(6):
+        write_toy_subject(root, f"s{i:02d}", seed=i)
+    return root
+
+
+def compose_train(overrides: list[str], tmp_path: Path):
+    """The real train config with run outputs and the cache under ``tmp_path``."""
+    base = [f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}",
+            "~callbacks.progress", "trainer.enable_progress_bar=false"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=base + overrides)
+
+
+os.environ.setdefault("LANDMARK_UNET_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "landmark_unet_test_cache"))
