@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.segmentation import dice_score
+
+from landmark_unet.metrics import PerBodyDice, dice_volume, per_body_table
+
+
+def tm_dice(pred: np.ndarray, true: np.ndarray) -> float:
+    """torchmetrics' Dice of one binary volume (one sample, one class)."""
+    p = torch.from_numpy(pred.astype(np.int64))[None, None]
+    t = torch.from_numpy(true.astype(np.int64))[None, None]
+    return float(dice_score(p, t, num_classes=1, include_background=True, input_format="one-hot"))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_volume_dice_matches_torchmetrics(seed):
+    rng = np.random.default_rng(seed)
+    true = rng.random((12, 10, 8)) < 0.3
+    pred = rng.random((12, 10, 8)) < 0.2 + 0.1 * seed
+    assert dice_volume(pred, true) == pytest.approx(tm_dice(pred, true), abs=1e-6)
+
+
+def test_edge_cases():
+    empty = np.zeros((4, 4, 4), bool)
+    full = np.ones((4, 4, 4), bool)
+    assert dice_volume(empty, empty) == 1.0  # the study: 1 when both are empty (torchmetrics gives nan here)
+    assert np.isnan(tm_dice(empty, empty))
+    assert dice_volume(empty, full) == 0.0
+    assert dice_volume(full, empty) == 0.0
+    assert dice_volume(full, full) == 1.0
+    half = full.copy()
+    half[:2] = False
+    assert dice_volume(half, full) == pytest.approx(2 * 32 / (32 + 64))
+    assert tm_dice(half, full) == pytest.approx(2 * 32 / (32 + 64))
+
+
+def test_per_body_dice_over_shuffled_slices_equals_3d_dice():
+    """Accumulating slice batches in any order gives each body's 3D Dice, not a mean of slice Dice."""
+    rng = np.random.default_rng(0)
+    bodies = {b: (rng.random((2, 16, 16, 9)) < 0.3, rng.random((2, 16, 16, 9)) < 0.3) for b in range(3)}
+    bodies[3] = (np.zeros((2, 16, 16, 9), bool), np.zeros((2, 16, 16, 9), bool))  # organ absent and not predicted
+    items = [(b, k) for b in bodies for k in range(9)]
+    order = rng.permutation(len(items))
+    metric = PerBodyDice()
+    for chunk in np.array_split(order, 7):
+        pred = torch.stack([torch.from_numpy(bodies[items[i][0]][0][..., items[i][1]]) for i in chunk])
+        true = torch.stack([torch.from_numpy(bodies[items[i][0]][1][..., items[i][1]]) for i in chunk])
+        metric.update(pred, true, torch.tensor([items[i][0] for i in chunk]))
+    ids, dice = metric.per_body()
+    assert ids.tolist() == [0, 1, 2, 3]
+    for b, (pred, true) in bodies.items():
+        for k in range(2):
+            expected = dice_volume(pred[k], true[k])
+            assert float(dice[b, k]) == pytest.approx(expected, abs=1e-12)
+            if b < 3:
+                assert expected == pytest.approx(tm_dice(pred[k], true[k]), abs=1e-6)
+    assert float(dice[3, 0]) == 1.0
+
+
+def test_per_body_table_mean_and_std():
+    ids = torch.tensor([0, 1, 2])
+    dice = torch.tensor([[0.9], [0.8], [1.0]], dtype=torch.float64)
+    table = per_body_table(ids, dice, ["a", "b", "c"], ["liver"])
+    assert table["liver"]["dice_mean"] == pytest.approx(0.9)
+    assert table["liver"]["dice_std"] == pytest.approx(np.std([0.9, 0.8, 1.0]))
+    assert table["liver"]["per_body"] == {"a": 0.9, "b": 0.8, "c": 1.0}
