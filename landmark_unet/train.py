@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from landmark_unet.config import resolve_precision, validate
 from landmark_unet.errors import exit_on_input_error
@@ -28,7 +28,7 @@ def train(cfg: DictConfig) -> dict:
     """Run one experiment from a composed config and return its metrics (also written to metrics.json)."""
     t0 = time.perf_counter()
     validate(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -76,5 +76,3 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     main()
 
-
-__all__ = ["train", "main", "OmegaConf"]

@@ -1,0 +1,86 @@
+"""Re-score a checkpoint: ``python -m landmark_unet.evaluate ckpt=RUN/checkpoints/best.ckpt [split_file=...]``.
+
+The model and data settings come from the checkpoint's run (``RUN/.hydra/config.yaml``); the bodies scored are the
+test split of that run (``RUN/splits.json``) unless ``split_file`` names another. Writes metrics.json in the same
+format as training into this command's run directory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from landmark_unet.config import resolve_precision
+from landmark_unet.errors import InputError, exit_on_input_error
+from landmark_unet.runinfo import run_overrides, summary_lines, write_metrics
+
+
+def load_run_config(ckpt: Path) -> tuple[DictConfig, Path]:
+    """The training config of the run that wrote ``ckpt`` (``<run>/checkpoints/<name>.ckpt``)."""
+    run_dir = ckpt.resolve().parent.parent
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise InputError(ckpt, f"no run config beside the checkpoint (expected {path})")
+    return OmegaConf.load(path), run_dir
+
+
+def load_weights(model: pl.LightningModule, ckpt: Path) -> None:
+    """Load the state dict of a Lightning checkpoint without executing code from it (``weights_only``)."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is bad input
+        raise InputError(ckpt, f"cannot read checkpoint ({err.__class__.__name__})") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise InputError(ckpt, "not a Lightning checkpoint (no state_dict)")
+    missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
+    if missing or unexpected:
+        raise InputError(ckpt, f"does not fit the model of its run ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+
+
+def train_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    t0 = time.perf_counter()
+    if not cfg.get("ckpt"):
+        raise InputError("ckpt", "required: ckpt=PATH to a checkpoint written by landmark_unet.train")
+    ckpt = Path(cfg.ckpt)
+    if not ckpt.is_file():
+        raise InputError(ckpt, "checkpoint file is missing")
+    run_cfg, run_dir = load_run_config(ckpt)
+    split_file = Path(cfg.split_file) if cfg.get("split_file") else run_dir / "splits.json"
+    run_cfg.data.split.file = str(split_file)
+    run_cfg.data.splits_out = None
+    datamodule = instantiate(run_cfg.data)
+    datamodule.setup("test")
+    model = instantiate(run_cfg.model)
+    load_weights(model, ckpt)
+    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, precision=resolve_precision(cfg.precision),
+                         logger=False, enable_checkpointing=False, enable_progress_bar=True)
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    out = Path(cfg.output_dir)
+    metrics = write_metrics(out / "metrics.json", model=model, datamodule=datamodule, extra={
+        "checkpoint": str(ckpt), "split_file": str(split_file), "wall_seconds": time.perf_counter() - t0,
+        "overrides": run_overrides(), "train_overrides": train_overrides(run_dir),
+    })
+    for line in summary_lines(metrics):
+        print(line, flush=True)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with exit_on_input_error():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
