@@ -20,18 +20,21 @@ from torch.utils.data import DataLoader
 
 from landmark_unet.data.cache import CacheEntry, CacheJob, build_cache
 from landmark_unet.data.organs import ORGANS, organ_bit
-from landmark_unet.data.slices import SliceDataset, padded_size, slice_index
+from landmark_unet.data.slices import ForegroundOversampler, SliceDataset, padded_size, slice_index
 from landmark_unet.data.sources import CHANNEL_FILES, list_folder_subjects, read_folder_subject
 from landmark_unet.data.splits import load_split, make_split, save_split
 from landmark_unet.errors import InputError
 
 log = logging.getLogger(__name__)
 SOURCES = ("phantom", "folder")
+SAMPLINGS = ("organ_only", "oversample")
 
 
 def phantom_root(cache_dir: str | Path, phantom: dict) -> Path:
     """Folder of the built-in phantom with these settings: ``<cache_dir>/phantom/<hash of the settings>``."""
-    settings = {k: v for k, v in phantom.items() if k != "workers"}
+    from landmark_unet.data.phantom import PHANTOM_VERSION
+
+    settings = {k: v for k, v in phantom.items() if k != "workers"} | {"version": PHANTOM_VERSION}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cache_dir) / "phantom" / key
 
@@ -70,6 +73,11 @@ class SliceDataModule(pl.LightningDataModule):
         pad_multiple: slices are zero-padded so that H and W are divisible by this (16 for a 4-level U-Net).
         cache_workers: processes used to build the cache (0: in this process).
         splits_out: where to save the split (the run's splits.json); None to not save.
+        sampling: training slices: ``organ_only`` (the study, section 3.4.2: only slices holding the organ) or
+            ``oversample`` (every slice of the training bodies, with ``foreground_fraction`` of the samples forced
+            to hold the organ).
+        foreground_fraction: share of organ slices when ``sampling=oversample``.
+        seed: seed of the oversampling draws.
     """
 
     def __init__(
@@ -88,6 +96,9 @@ class SliceDataModule(pl.LightningDataModule):
         pad_multiple: int = 16,
         cache_workers: int = 0,
         splits_out: str | None = None,
+        sampling: str = "organ_only",
+        foreground_fraction: float = 0.5,
+        seed: int = 0,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -98,6 +109,10 @@ class SliceDataModule(pl.LightningDataModule):
         for channel in channels:
             if channel not in CHANNEL_FILES:
                 raise InputError("content", f"unknown channel {channel!r} (choose from {', '.join(CHANNEL_FILES)})")
+        if sampling not in SAMPLINGS:
+            raise InputError("data.sampling", f"unknown sampling {sampling!r} (choose from {', '.join(SAMPLINGS)})")
+        if not 0 < foreground_fraction <= 1:
+            raise InputError("data.foreground_fraction", f"must be in (0, 1], got {foreground_fraction}")
         if batch_size < 1:
             raise InputError("data.batch_size", f"must be >= 1, got {batch_size}")
         self.source = source
@@ -114,6 +129,9 @@ class SliceDataModule(pl.LightningDataModule):
         self.pad_multiple = pad_multiple
         self.cache_workers = cache_workers
         self.splits_out = splits_out
+        self.sampling = sampling
+        self.foreground_fraction = foreground_fraction
+        self.seed = seed
         self.subject_names: list[str] = []
         self.split: dict[str, list[str]] = {}
         self.entries: dict[str, CacheEntry] = {}
@@ -176,11 +194,12 @@ class SliceDataModule(pl.LightningDataModule):
         index = slice_index(entries, self.organs, organ_slices_only)
         return SliceDataset(entries, [self.subject_id(n) for n in names], index, self.channel_index, self.organs, self.size)
 
-    def _loader(self, dataset: SliceDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: SliceDataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -188,10 +207,19 @@ class SliceDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = self.dataset("train", organ_slices_only=True)
-        if len(ds) == 0:
+        if self.sampling == "organ_only":
+            ds = self.dataset("train", organ_slices_only=True)
+            if len(ds) == 0:
+                raise InputError("organ", f"no training slice holds {'/'.join(self.organs)}")
+            return self._loader(ds, self.batch_size, shuffle=True)
+        ds = self.dataset("train", organ_slices_only=False)
+        bits = sum(organ_bit(o) for o in self.organs)
+        holds = np.array([ds.entries[e].slice_bits[k] & bits for e, k in ds.index]) > 0
+        if not holds.any():
             raise InputError("organ", f"no training slice holds {'/'.join(self.organs)}")
-        return self._loader(ds, self.batch_size, shuffle=True)
+        sampler = ForegroundOversampler(np.flatnonzero(holds), len(ds), self.foreground_fraction, seed=self.seed)
+        return self._loader(ds, self.batch_size, shuffle=True, sampler=sampler)
+
 
     def val_dataloader(self) -> DataLoader:
         part = "val" if self.split["val"] else "test"

@@ -92,3 +92,43 @@ class SliceDataset(Dataset):
             "slice": k,
             "size": torch.tensor([x, y], dtype=torch.int64),
         }
+
+
+class ForegroundOversampler(torch.utils.data.Sampler[int]):
+    """Draws ``num_samples`` slice indices per epoch: with probability ``fraction`` one of the slices holding the
+    organ (``foreground``), otherwise any slice of the training bodies, uniformly (nnU-Net-style foreground
+    oversampling). The network thus also meets the slices without the organ that whole-body evaluation will show
+    it. Seeded: epoch e of seed s always gives the same draw.
+
+    Args:
+        foreground: dataset positions of the slices that hold the organ(s).
+        total: dataset length (every slice of the training bodies).
+        fraction: share of samples forced to be foreground, in [0, 1].
+        num_samples: samples per epoch; default ``ceil(len(foreground) / fraction)``, so that an epoch holds about
+            as many organ slices as an organ-only epoch.
+        seed: base seed.
+    """
+
+    def __init__(self, foreground: np.ndarray, total: int, fraction: float, num_samples: int | None = None,
+                 seed: int = 0):
+        if not 0 < fraction <= 1:
+            raise ValueError(f"foreground fraction must be in (0, 1], got {fraction}")
+        if len(foreground) == 0:
+            raise ValueError("no foreground slice to oversample")
+        self.foreground = np.asarray(foreground, dtype=np.int64)
+        self.total = total
+        self.fraction = fraction
+        self.num_samples = num_samples or int(np.ceil(len(self.foreground) / fraction))
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        forced = rng.random(self.num_samples) < self.fraction
+        picks = np.where(forced, self.foreground[rng.integers(0, len(self.foreground), self.num_samples)],
+                         rng.integers(0, self.total, self.num_samples))
+        return iter(picks.tolist())

@@ -1,0 +1,69 @@
+"""Run every benchmark (``make bench``) and write benchmarks/results.json.
+
+Each benchmark runs in its own process (so thread settings and peak-memory figures do not leak between them) and
+returns a flat dict; the results are merged with the machine they ran on. Never part of ``make test``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = {
+    "phantom": "from benchmarks.bench_phantom import run; r = run()",
+    "data": "from benchmarks.bench_data import run; r = run()",
+}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
+
+
+def main() -> None:
+    only = sys.argv[1:] or list(BENCHMARKS)
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for name in only:
+        code = BENCHMARKS[name] + "; import json, sys; sys.stdout.write('\\nRESULT ' + json.dumps(r))"
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE.parent)
+        if proc.returncode != 0:
+            print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            results[name] = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+            continue
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+        results[name] = json.loads(line[len("RESULT "):]) | {"benchmark_seconds": time.perf_counter() - t0}
+        print(f"{name}: {json.dumps(results[name], indent=2)}", flush=True)
+    flat = {k: v for part in results.values() if isinstance(part, dict) for k, v in part.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    results.update({k: flat[k] for k in ("phantom_seconds_per_subject", "data_vs_model_ratio", "data_peak_rss_gib")
+                    if k in flat})
+    out = HERE / "results.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps(previous | results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+import numpy as np
+import pytest
+
+from landmark_unet.data.slices import ForegroundOversampler
+
+
+def test_oversampler_fraction_and_determinism():
+    fg = np.arange(10, 20)
+    s = ForegroundOversampler(fg, total=200, fraction=0.4, num_samples=5000, seed=1)
+    first = list(s)
+    share = np.isin(first, fg).mean()
+    # forced 40 % plus the uniform draws that land on the 10 foreground slices out of 200 (5 % of 60 %)
+    assert share == pytest.approx(0.4 + 0.6 * 10 / 200, abs=0.03)
+    assert min(first) >= 0 and max(first) < 200
+    second = list(s)
+    assert first != second  # a new draw each epoch
+    again = ForegroundOversampler(fg, total=200, fraction=0.4, num_samples=5000, seed=1)
+    assert list(again) == first  # same seed, same epoch, same draw
+
+
+def test_default_epoch_length_keeps_the_organ_slice_count():
+    s = ForegroundOversampler(np.arange(30), total=300, fraction=0.5)
+    assert len(s) == 60 and len(list(s)) == 60
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+def test_bad_fraction(fraction):
+    with pytest.raises(ValueError):
+        ForegroundOversampler(np.arange(3), total=10, fraction=fraction)
