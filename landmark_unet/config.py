@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.errors import InputError
+from landmark_unet.landmarks.distance import map_channels
 
 CONTENTS = {"fat": ["fat"], "water": ["water"], "both": ["fat", "water"]}
 
@@ -17,11 +17,13 @@ def organs_of(organ: str) -> list[str]:
 
 
 def register_resolvers() -> None:
-    """``${organs:${organ}}``, ``${channels:${content}}`` and ``${len:...}`` for the configs."""
+    """``${organs:${organ}}``, ``${channels:${content}}``, ``${len:...}`` and
+    ``${map_channels:${landmarks.combine},${landmarks.pairs}}`` for the configs."""
     for name, fn in {
         "organs": organs_of,
         "channels": lambda content: list(CONTENTS.get(content, [content])),
         "len": lambda x: len(x),
+        "map_channels": map_channels,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
@@ -48,6 +50,8 @@ def resolve_precision(precision: str | int) -> str | int:
     """``auto``: bf16 mixed precision on a GPU that supports it, fp16 mixed on other GPUs, fp32 on the CPU."""
     if str(precision) != "auto":
         return precision
+    import torch
+
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"

@@ -24,6 +24,10 @@ class InputError(Exception):
         super().__init__(f"{self.where}: {problem}")
 
 
+class MissingLandmarksError(InputError):
+    """A subject has no usable landmarks (no file, or no plausible pair found by the detector)."""
+
+
 @contextlib.contextmanager
 def exit_on_input_error() -> Iterator[None]:
     """Turn an :class:`InputError` into ``error: <where>: <problem>`` on stderr and exit code 2."""

@@ -85,3 +85,12 @@ def test_evaluate_rescores_the_checkpoint(tiny_run, tmp_path):
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["test"]["liver"]["per_body"] == pytest.approx(metrics["test"]["liver"]["per_body"])
     assert "liver" in proc.stdout
+
+
+@pytest.mark.parametrize("fusion,landmarks", [("early", "manhattan"), ("late", "gaussian")])
+def test_fused_training_runs(tmp_path, fusion, landmarks):
+    cfg = compose_train(TINY + ["trainer.max_epochs=1", f"fusion={fusion}", f"landmarks={landmarks}"], tmp_path)
+    metrics = train(cfg)
+    assert 0 <= metrics["test"]["liver"]["dice_mean"] <= 1
+    cached = list((tmp_path / "cache" / "subjects").glob("*/distance-*.npy"))
+    assert len(cached) == 6  # one map file per subject, computed once

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -100,6 +100,12 @@ class CacheEntry:
         """Axial slice ``k`` of the packed labels, uint8 (X, Y)."""
         return np.array(self._open("labels.npy")[k])
 
+    def distance_slice(self, key: str, k: int) -> np.ndarray:
+        """Axial slice ``k`` of the distance maps cached under ``key``, float32 (L, X, Y) (an in-plane map, one
+        for all slices, when the maps were made with ``space=plane``)."""
+        arr = self._open(f"distance-{key}.npy")
+        return np.array(arr[k if arr.shape[0] > 1 else 0])
+
     def image_volume(self) -> np.ndarray:
         """All slices, float16 (Z, C, X, Y) (memory-mapped, read-only)."""
         return self._open("image.npy")
@@ -107,6 +113,40 @@ class CacheEntry:
     def label_volume(self) -> np.ndarray:
         """Packed labels, uint8 (Z, X, Y) (memory-mapped, read-only)."""
         return self._open("labels.npy")
+
+
+def distance_key(settings: dict) -> str:
+    """Short stable hash of distance-map settings, naming the cached file ``distance-<key>.npy``."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_distance_maps(entry: CacheEntry, settings: dict) -> str:
+    """Compute the distance maps of ``entry`` for ``settings`` once and cache them beside its image; returns the
+    key for :meth:`CacheEntry.distance_slice`.
+
+    ``settings`` are the keyword arguments of :func:`landmark_unet.landmarks.distance.subject_maps`.
+
+    Raises:
+        InputError: the subject has no landmarks, or not enough for the settings.
+    """
+    from landmark_unet.errors import InputError
+    from landmark_unet.landmarks.distance import subject_maps
+
+    key = distance_key(settings)
+    path = entry.path / f"distance-{key}.npy"
+    if path.exists():
+        return key
+    where = next((f for f in entry.meta.get("files", []) if f.endswith("landmarks.txt")), entry.name)
+    if entry.landmarks is None:
+        raise InputError(where, "no landmarks for this subject (landmarks.txt missing; try landmarks.source=auto)")
+    try:
+        maps = subject_maps(entry.landmarks, entry.shape, entry.meta["spacing"], **settings)
+    except ValueError as err:
+        raise InputError(where, str(err)) from None
+    tmp = entry.path / f".distance-{key}.{os.getpid()}.npy"
+    np.save(tmp, maps)
+    os.replace(tmp, path)
+    return key
 
 
 def fingerprint(files: Sequence[str], settings: dict) -> str:
@@ -183,15 +223,19 @@ class CacheJob:
     name: str
     files: tuple[str, ...]
     read: Callable[[], Subject]
+    settings: dict = field(default_factory=dict)  # what else the reader's output depends on (fingerprinted)
 
 
-def _build_one(args: tuple[CacheJob, Path, str]) -> CacheEntry:
-    job, cache_dir, normalisation = args
-    fp = fingerprint(job.files, {"normalisation": normalisation})
+def _build_one(args: tuple[CacheJob, Path, str, tuple]) -> CacheEntry | Exception:
+    job, cache_dir, normalisation, skip = args
+    fp = fingerprint(job.files, {"normalisation": normalisation, **job.settings})
     final = cache_dir / f"{job.name}-{fp}"
     if (final / "meta.json").exists():
         return load_entry(final)
-    return write_entry(job.read(), final, normalisation, fp)
+    try:
+        return write_entry(job.read(), final, normalisation, fp)
+    except skip as err:
+        return err
 
 
 def build_cache(
@@ -200,7 +244,8 @@ def build_cache(
     normalisation: str = "percentile",
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
-) -> list[CacheEntry]:
+    skip: tuple[type[Exception], ...] = (),
+) -> list[CacheEntry | Exception]:
     """Cache every subject of ``jobs`` (reusing complete entries) and return their entries in order.
 
     Args:
@@ -209,12 +254,13 @@ def build_cache(
         normalisation: one of :data:`NORMALISATIONS`.
         workers: processes for the subjects still to build (0: in this process).
         progress: called as ``progress(done, total)`` after each subject.
+        skip: exception types that skip a subject instead of stopping: its place in the result holds the exception.
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"unknown normalisation {normalisation!r}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    args = [(job, cache_dir, normalisation) for job in jobs]
+    args = [(job, cache_dir, normalisation, tuple(skip)) for job in jobs]
     entries: list[CacheEntry] = []
     if workers > 0 and len(jobs) > 1:
         with get_context("spawn").Pool(workers) as pool:

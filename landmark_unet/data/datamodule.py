@@ -18,16 +18,20 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from landmark_unet.data.cache import CacheEntry, CacheJob, build_cache
+from landmark_unet.data.cache import CacheEntry, CacheJob, build_cache, ensure_distance_maps
 from landmark_unet.data.organs import ORGANS, organ_bit
 from landmark_unet.data.slices import ForegroundOversampler, SliceDataset, padded_size, slice_index
 from landmark_unet.data.sources import CHANNEL_FILES, list_folder_subjects, read_folder_subject
 from landmark_unet.data.splits import load_split, make_split, save_split
-from landmark_unet.errors import InputError
+from landmark_unet.errors import InputError, MissingLandmarksError
 
 log = logging.getLogger(__name__)
 SOURCES = ("phantom", "folder")
 SAMPLINGS = ("organ_only", "oversample")
+FUSIONS = ("none", "early", "late")
+MAP_KEYS = ("encoding", "units", "space", "combine", "pairs", "sigma_mm")
+LANDMARK_DEFAULTS = {"source": "file", "on_missing": "error", "encoding": "manhattan", "units": "voxel",
+                     "space": "volume", "combine": "sum", "pairs": 1, "sigma_mm": 20.0}
 
 
 def phantom_root(cache_dir: str | Path, phantom: dict) -> Path:
@@ -78,6 +82,11 @@ class SliceDataModule(pl.LightningDataModule):
             to hold the organ).
         foreground_fraction: share of organ slices when ``sampling=oversample``.
         seed: seed of the oversampling draws.
+        fusion: ``none``, ``early`` or ``late``; anything but ``none`` adds the landmark distance maps to each
+            sample as ``distance`` (L, H, W).
+        landmarks: the ``landmarks`` config: ``source`` (file | detect | auto), ``on_missing`` (error | skip) and
+            the map settings of :func:`~landmark_unet.landmarks.distance.subject_maps` (``encoding``, ``units``,
+            ``space``, ``combine``, ``pairs``, ``sigma_mm``).
     """
 
     def __init__(
@@ -99,6 +108,8 @@ class SliceDataModule(pl.LightningDataModule):
         sampling: str = "organ_only",
         foreground_fraction: float = 0.5,
         seed: int = 0,
+        fusion: str = "none",
+        landmarks: dict | None = None,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -132,6 +143,17 @@ class SliceDataModule(pl.LightningDataModule):
         self.sampling = sampling
         self.foreground_fraction = foreground_fraction
         self.seed = seed
+        if fusion not in FUSIONS:
+            raise InputError("fusion", f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
+        self.fusion = fusion
+        self.landmarks = {**LANDMARK_DEFAULTS, **(landmarks or {})}
+        if self.landmarks["source"] not in ("file", "detect", "auto"):
+            raise InputError("landmarks.source", f"unknown source {self.landmarks['source']!r} (choose from file, detect, auto)")
+        if self.landmarks["on_missing"] not in ("error", "skip"):
+            raise InputError("landmarks.on_missing", f"must be error or skip, got {self.landmarks['on_missing']!r}")
+        self.map_settings = {k: self.landmarks[k] for k in MAP_KEYS}
+        self.distance_key: str | None = None
+        self.skipped: dict[str, str] = {}
         self.subject_names: list[str] = []
         self.split: dict[str, list[str]] = {}
         self.entries: dict[str, CacheEntry] = {}
@@ -163,25 +185,51 @@ class SliceDataModule(pl.LightningDataModule):
         else:
             params = {k: self.split_cfg[k] for k in ("rounds", "round", "val_fraction", "seed") if k in self.split_cfg}
             self.split = make_split(list(subject_dirs), **params)
-        if self.splits_out:
-            save_split(self.splits_out, self.split, root=str(root), **{k: v for k, v in self.split_cfg.items() if k != "file"})
-        self.subject_names = sorted(set(self.split["train"]) | set(self.split["val"]) | set(self.split["test"]))
-        read_channels = tuple(c for c in CHANNEL_FILES if (subject_dirs[self.subject_names[0]] / CHANNEL_FILES[c]).exists())
+        names = sorted(set(self.split["train"]) | set(self.split["val"]) | set(self.split["test"]))
+        read_channels = tuple(c for c in CHANNEL_FILES if (subject_dirs[names[0]] / CHANNEL_FILES[c]).exists())
         if not set(self.channels) <= set(read_channels):
-            raise InputError(subject_dirs[self.subject_names[0]], f"lacks channel(s) {sorted(set(self.channels) - set(read_channels))}")
+            raise InputError(subject_dirs[names[0]], f"lacks channel(s) {sorted(set(self.channels) - set(read_channels))}")
+        need_maps = self.fusion != "none"
+        source = self.landmarks["source"] if need_maps else "optional"
+        skip = (MissingLandmarksError,) if self.landmarks["on_missing"] == "skip" else ()
         jobs = [
             CacheJob(
                 name=name,
                 files=_subject_files(subject_dirs[name], read_channels),
-                read=functools.partial(read_folder_subject, subject_dirs[name], read_channels, ORGANS, True),
+                read=functools.partial(read_folder_subject, subject_dirs[name], read_channels, ORGANS, source),
+                settings={"landmarks": source} if source in ("detect", "auto") else {},
             )
-            for name in self.subject_names
+            for name in names
         ]
         log.info("caching %d subjects in %s", len(jobs), self.cache_dir / "subjects")
-        entries = build_cache(jobs, self.cache_dir / "subjects", self.normalisation, workers=self.cache_workers)
-        self.entries = dict(zip(self.subject_names, entries))
-        self.channel_index = [entries[0].channels.index(c) for c in self.channels]
-        self.size = padded_size(entries, self.pad_multiple)
+        results = build_cache(jobs, self.cache_dir / "subjects", self.normalisation, workers=self.cache_workers,
+                              skip=skip)
+        entries = {}
+        for name, result in zip(names, results):
+            if isinstance(result, Exception):
+                self.skipped[name] = str(result)
+                continue
+            if need_maps:
+                try:
+                    self.distance_key = ensure_distance_maps(result, self.map_settings)
+                except skip as err:
+                    self.skipped[name] = str(err)
+                    continue
+            entries[name] = result
+        for name, why in self.skipped.items():
+            log.warning("skipping subject %s: %s", name, why)
+        self.split = {part: [n for n in names_ if n in entries] for part, names_ in self.split.items()
+                      if isinstance(names_, list)}
+        if not self.split["train"] or not self.split["test"]:
+            raise InputError("landmarks.on_missing", "skipping subjects without landmarks left no training or test subject")
+        if self.splits_out:
+            save_split(self.splits_out, self.split, root=str(root), skipped=self.skipped,
+                       **{k: v for k, v in self.split_cfg.items() if k != "file"})
+        self.subject_names = sorted(entries)
+        self.entries = entries
+        first = next(iter(entries.values()))
+        self.channel_index = [first.channels.index(c) for c in self.channels]
+        self.size = padded_size(list(entries.values()), self.pad_multiple)
         self._ready = True
 
     # -- datasets -----------------------------------------------------------------------------------------------
@@ -192,7 +240,8 @@ class SliceDataModule(pl.LightningDataModule):
         names = self.split[part]
         entries = [self.entries[n] for n in names]
         index = slice_index(entries, self.organs, organ_slices_only)
-        return SliceDataset(entries, [self.subject_id(n) for n in names], index, self.channel_index, self.organs, self.size)
+        return SliceDataset(entries, [self.subject_id(n) for n in names], index, self.channel_index, self.organs,
+                            self.size, distance_key=self.distance_key if self.fusion != "none" else None)
 
     def _loader(self, dataset: SliceDataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
         return DataLoader(

@@ -32,12 +32,17 @@ def gzip_bytes(raw: bytes, level: int = 1, huffman_only: bool = True) -> bytes:
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, compresslevel: int = 1) -> bytes:
-    """Serialise ``array`` (indexed [x, y, z]) with ``affine`` (4 x 4, mm) to gzip-compressed NIfTI-1 bytes."""
-    img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    """Serialise ``array`` (indexed [x, y, z]) with ``affine`` (4 x 4, mm) to gzip-compressed NIfTI-1 bytes.
+
+    Images (more than one byte per voxel: noisy, hardly any repeats) are Huffman-coded only, which is fast; masks
+    and label maps (one byte per voxel, long runs of zeros) get the full LZ77 search, which shrinks them ~100x.
+    """
+    array = np.asarray(array)
+    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
-    return gzip_bytes(img.to_bytes(), level=compresslevel)
+    return gzip_bytes(img.to_bytes(), level=compresslevel, huffman_only=array.dtype.itemsize > 1)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

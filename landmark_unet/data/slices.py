@@ -44,7 +44,9 @@ class SliceDataset(Dataset):
     - ``mask``: float32 (K, H, W), 0/1, one channel per organ of ``organs``;
     - ``subject``: int, the subject's position in ``subject_ids`` (the DataModule's global subject index);
     - ``slice``: int, the axial index k;
-    - ``size``: int64 (2,), the unpadded (X, Y), so that predictions can be cropped back.
+    - ``size``: int64 (2,), the unpadded (X, Y), so that predictions can be cropped back;
+    - ``distance`` (with ``distance_key``): float32 (L, H, W), the landmark distance maps of the slice, zero-padded
+      like the image, never intensity-normalised.
 
     Args:
         entries: cached subjects.
@@ -53,6 +55,8 @@ class SliceDataset(Dataset):
         channels: channel indices into the cached image to use.
         organs: organ names, one mask channel each.
         size: padded (H, W).
+        distance_key: key of the cached distance maps to add (see :func:`~landmark_unet.data.cache.ensure_distance_maps`),
+            or None.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class SliceDataset(Dataset):
         channels: Sequence[int],
         organs: Sequence[str],
         size: tuple[int, int],
+        distance_key: str | None = None,
     ):
         self.entries = list(entries)
         self.subject_ids = list(subject_ids)
@@ -70,6 +75,7 @@ class SliceDataset(Dataset):
         self.channels = list(channels)
         self.bits = np.array([organ_bit(o) for o in organs], dtype=np.uint8)
         self.size = size
+        self.distance_key = distance_key
 
     def __len__(self) -> int:
         return len(self.index)
@@ -85,13 +91,19 @@ class SliceDataset(Dataset):
         img[:, :x, :y] = image
         mask = np.zeros((len(self.bits), h, w), np.float32)
         mask[:, :x, :y] = (labels[None] & self.bits[:, None, None]) > 0
-        return {
+        item = {
             "image": torch.from_numpy(img),
             "mask": torch.from_numpy(mask),
             "subject": self.subject_ids[e],
             "slice": k,
             "size": torch.tensor([x, y], dtype=torch.int64),
         }
+        if self.distance_key is not None:
+            dist = entry.distance_slice(self.distance_key, k)
+            padded = np.zeros((dist.shape[0], h, w), np.float32)
+            padded[:, :x, :y] = dist
+            item["distance"] = torch.from_numpy(padded)
+        return item
 
 
 class ForegroundOversampler(torch.utils.data.Sampler[int]):

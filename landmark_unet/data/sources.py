@@ -10,6 +10,7 @@ Every problem is raised as :class:`~landmark_unet.errors.InputError` naming the 
 from __future__ import annotations
 
 import gzip
+import logging
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +20,13 @@ import numpy as np
 
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.data.subject import Subject
-from landmark_unet.errors import InputError
+from landmark_unet.errors import InputError, MissingLandmarksError
 from landmark_unet.landmarks.io import read_landmarks
 
+log = logging.getLogger(__name__)
 AFFINE_TOLERANCE_MM = 1e-3
+LANDMARK_SOURCES = ("file", "optional", "detect", "auto", "none")
+DETECT_MODALITY = {"fat": "mri-fat", "water": "mri-water"}
 CHANNEL_FILES = {"fat": "fat.nii.gz", "water": "water.nii.gz"}
 
 
@@ -77,7 +81,7 @@ def read_folder_subject(
     subject_dir: str | Path,
     channels: Sequence[str] = ("fat", "water"),
     organs: Sequence[str] = ORGANS,
-    landmarks: bool = True,
+    landmarks: str = "file",
 ) -> Subject:
     """Read one subject of the folder layout.
 
@@ -85,7 +89,9 @@ def read_folder_subject(
         subject_dir: ``<root>/<subject>``.
         channels: which of ``fat``, ``water`` to read, in channel order.
         organs: which masks to read (``masks/<organ>.nii.gz``).
-        landmarks: read ``landmarks.txt`` (required when True).
+        landmarks: where the landmarks come from: ``file`` (``landmarks.txt``, required), ``optional`` (the file
+            when present, else none), ``detect`` (the automatic hip-joint detector on the first channel), ``auto``
+            (the file when present, else detection; logged per subject), ``none``.
 
     Returns:
         A validated :class:`Subject` in canonical RAS orientation.
@@ -132,11 +138,31 @@ def read_folder_subject(
             raise InputError(path, f"mask is not binary (values {shown}{', ...' if len(values) > 6 else ''})")
         masks.append(np.asarray(data, dtype=np.uint8))
         files.append(str(path))
-    points = None
-    if landmarks:
-        lm_path = subject_dir / "landmarks.txt"
-        points = file_to_canonical_voxels(read_landmarks(lm_path, shape=ref.shape), ref.affine, canon_affine)
+    if landmarks not in LANDMARK_SOURCES:
+        raise InputError("landmarks.source", f"unknown source {landmarks!r} (choose from file, detect, auto)")
+    lm_path = subject_dir / "landmarks.txt"
+    use_file = landmarks == "file" or (landmarks in ("optional", "auto") and lm_path.exists())
+    file_points = None
+    if landmarks == "file" and not lm_path.exists():
+        raise MissingLandmarksError(lm_path, "landmarks file is missing (landmarks.source=auto detects the hips)")
+    if use_file:
+        file_points = read_landmarks(lm_path, shape=ref.shape)
         files.append(str(lm_path))
+    elif landmarks in ("detect", "auto"):
+        from landmark_unet.landmarks.detect import detect_hips
+
+        first = subject_dir / CHANNEL_FILES[channels[0]]
+        try:
+            found = detect_hips(np.asanyarray(load_nifti(first).dataobj), ref.affine,
+                                modality=DETECT_MODALITY[channels[0]], source=str(first))
+        except MissingLandmarksError:
+            raise
+        except InputError as err:
+            raise MissingLandmarksError(err.where, err.problem) from None
+        file_points = found.voxels
+        log.info("%s: hip joints detected (confidence %.2f)%s", subject_dir.name, found.confidence,
+                 " because landmarks.txt is absent" if landmarks == "auto" else "")
+    points = None if file_points is None else file_to_canonical_voxels(file_points, ref.affine, canon_affine)
     spacing = np.sqrt((canon_affine[:3, :3] ** 2).sum(axis=0))
     return Subject(
         name=subject_dir.name,

@@ -68,9 +68,9 @@ class SegmentationModule(pl.LightningModule):
         self._panel: dict | None = None
         self.test_result: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """image (B, C, H, W) -> logits (B, K, H, W)."""
-        return self.net(image)
+    def forward(self, image: torch.Tensor, distance: torch.Tensor | None = None) -> torch.Tensor:
+        """image (B, C, H, W) [and landmark maps (B, L, H, W)] -> logits (B, K, H, W)."""
+        return self.net(image) if distance is None else self.net(image, distance)
 
     def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         per_organ = F.binary_cross_entropy_with_logits(logits.float(), mask, reduction="none").mean(dim=(0, 2, 3))
@@ -83,12 +83,12 @@ class SegmentationModule(pl.LightningModule):
 
     # -- steps --------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self(batch["image"]), batch["mask"])
+        loss = self.loss(self(batch["image"], batch.get("distance")), batch["mask"])
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
         return loss
 
     def _evaluate(self, batch: dict, metric: PerBodyDice) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self(batch["image"])
+        logits = self(batch["image"], batch.get("distance"))
         valid = valid_region(batch["size"], logits.shape)
         prob = torch.sigmoid(logits.float()) * valid
         metric.update(prob > self.threshold, batch["mask"] > 0.5, batch["subject"])

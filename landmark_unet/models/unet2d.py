@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from landmark_unet.models.blocks import DoubleConv, Down, Up
+from landmark_unet.models.fusion import FusionSegmenter, fused_channels
 
 
 class UNet2dTrunk(nn.Module):
@@ -49,24 +50,29 @@ class UNet2dTrunk(nn.Module):
         return x
 
 
-class UNet2d(nn.Module):
-    """Classic 2D U-Net (the study's Figure 1): trunk + 1x1 convolution head, one logit channel per organ.
+class UNet2d(FusionSegmenter):
+    """Classic 2D U-Net (the study's Figure 1): trunk + 1x1 convolution head, one logit channel per organ, with
+    optional landmark fusion (:class:`~landmark_unet.models.fusion.FusionSegmenter`).
 
     Args:
-        in_channels: input channels (1 for fat or water, 2 for both).
+        in_channels: image channels (1 for fat or water, 2 for both).
         out_channels: output logit channels K (one per organ).
         features: first-level width (the study: 64).
         depth: pooling levels (the study: 4).
+        fusion: ``none`` | ``early`` (maps as extra input channels) | ``late`` (maps concatenated before the head).
+        map_channels: distance-map channels L.
 
     Shapes:
-        input (B, in_channels, H, W), H and W divisible by ``2**depth``; output logits (B, K, H, W).
+        ``forward(image, distance=None)``: image (B, in_channels, H, W), H and W divisible by ``2**depth``;
+        distance (B, L, H, W) when fused. Returns logits (B, K, H, W).
+
+    The trunk is built before the head, so for one seed ``fusion=none`` and ``fusion=late`` start from identical
+    trunk weights.
     """
 
-    def __init__(self, in_channels: int, out_channels: int = 1, features: int = 64, depth: int = 4):
-        super().__init__()
-        self.trunk = UNet2dTrunk(in_channels, features, depth)
-        self.head = nn.Conv2d(features, out_channels, kernel_size=1)
+    def __init__(self, in_channels: int, out_channels: int = 1, features: int = 64, depth: int = 4,
+                 fusion: str = "none", map_channels: int = 1):
+        trunk = UNet2dTrunk(fused_channels(in_channels, map_channels, fusion, "trunk"), features, depth)
+        head = nn.Conv2d(fused_channels(features, map_channels, fusion, "head"), out_channels, kernel_size=1)
+        super().__init__(trunk, head, fusion)
         self.size_multiple = 2**depth
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))

@@ -1,0 +1,61 @@
+"""Landmark fusion (the study's Figure 6) as a wrapper around any trunk and head.
+
+``early``: the distance map(s) join the image as extra input channels of the trunk. ``late``: they are concatenated
+to the trunk's output feature map (the decoder's last, full-resolution features), resized to it if needed, right
+before the head's convolution(s). ``none``: the map is ignored. Single-task, multi-task and depth-5 networks are all
+a trunk plus a head, so each takes fusion from this one class.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FUSIONS = ("none", "early", "late")
+
+
+def fused_channels(channels: int, map_channels: int, fusion: str, where: str) -> int:
+    """Input channels of the trunk (``where="trunk"``) or head (``where="head"``) once the maps are fused."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
+    adds = (fusion == "early" and where == "trunk") or (fusion == "late" and where == "head")
+    return channels + (map_channels if adds else 0)
+
+
+class FusionSegmenter(nn.Module):
+    """trunk + head, with the landmark distance maps fused early or late.
+
+    Args:
+        trunk: maps (B, C [+ L], *spatial_in) to features (B, F, H, W).
+        head: maps (B, F [+ L], H, W) to logits (B, K, H, W).
+        fusion: ``none`` | ``early`` | ``late``.
+
+    Shapes:
+        ``forward(image, distance)``: image (B, C, H, W) or a depth-5 stack (B, C, D, H, W); distance, the maps of
+        the same samples, (B, L, H, W) or (B, L, D, H, W). Late fusion of a stack uses the maps of its middle slice
+        (the slice the network predicts). Returns logits (B, K, H, W).
+    """
+
+    def __init__(self, trunk: nn.Module, head: nn.Module, fusion: str = "none"):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
+        self.trunk = trunk
+        self.head = head
+        self.fusion = fusion
+
+    def forward(self, image: torch.Tensor, distance: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fusion != "none" and distance is None:
+            raise ValueError(f"{self.fusion} fusion needs the distance maps")
+        if self.fusion == "early":
+            image = torch.cat([image, distance.to(image.dtype)], dim=1)
+        features = self.trunk(image)
+        if self.fusion == "late":
+            d = distance
+            if d.ndim == features.ndim + 1:  # a stack: the middle slice's maps
+                d = d[:, :, d.shape[2] // 2]
+            if d.shape[-2:] != features.shape[-2:]:
+                d = F.interpolate(d, size=features.shape[-2:], mode="bilinear", align_corners=False)
+            features = torch.cat([features, d.to(features.dtype)], dim=1)
+        return self.head(features)
