@@ -18,6 +18,8 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "phantom": "from benchmarks.bench_phantom import run; r = run()",
     "data": "from benchmarks.bench_data import run; r = run()",
+    "distance": "from benchmarks.bench_distance import run; r = run()",
+    "detect": "from benchmarks.bench_detect import run; r = run()",
 }
 
 
@@ -57,8 +59,9 @@ def main() -> None:
         print(f"{name}: {json.dumps(results[name], indent=2)}", flush=True)
     flat = {k: v for part in results.values() if isinstance(part, dict) for k, v in part.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    results.update({k: flat[k] for k in ("phantom_seconds_per_subject", "data_vs_model_ratio", "data_peak_rss_gib")
-                    if k in flat})
+    headline = ("phantom_seconds_per_subject", "data_vs_model_ratio", "data_peak_rss_gib",
+                "distance_map_seconds_full_size", "detect_seconds_full_size")
+    results.update({k: flat[k] for k in headline if k in flat})
     out = HERE / "results.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     out.write_text(json.dumps(previous | results, indent=2) + "\n")

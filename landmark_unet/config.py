@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 from omegaconf import DictConfig, OmegaConf
 
 from landmark_unet.data.organs import ORGANS
@@ -55,3 +58,16 @@ def resolve_precision(precision: str | int) -> str | int:
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def quiet_third_party() -> None:
+    """Silence third-party chatter that says nothing about the run (advertising tips, internal deprecations,
+    a log-interval hint for our epoch-level metrics)."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")

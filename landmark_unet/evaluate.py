@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from landmark_unet.config import resolve_precision
+from landmark_unet.config import quiet_third_party, resolve_precision
 from landmark_unet.errors import InputError, exit_on_input_error
 from landmark_unet.runinfo import run_overrides, summary_lines, write_metrics
 
@@ -78,6 +78,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     with exit_on_input_error():
         evaluate(cfg)
 

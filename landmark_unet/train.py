@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from landmark_unet.config import resolve_precision, validate
+from landmark_unet.config import quiet_third_party, resolve_precision, validate
 from landmark_unet.errors import exit_on_input_error
 from landmark_unet.lit.callbacks import EpochTimer
 from landmark_unet.runinfo import checkpoint_callback, run_overrides, summary_lines, write_metrics
@@ -67,6 +67,7 @@ def train(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    quiet_third_party()
     with exit_on_input_error():
         metrics = train(cfg)
         means = [m["dice_mean"] for m in metrics["test"].values()]

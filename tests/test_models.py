@@ -34,3 +34,41 @@ def test_gradients_reach_every_parameter():
     net = UNet2d(2, 1, features=4, depth=2)
     net(torch.randn(2, 2, 16, 16)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+from landmark_unet.models.multitask import UNet2dMultiTask  # noqa: E402
+from landmark_unet.models.unet3d import UNet3d  # noqa: E402
+
+MODELS = {
+    "unet2d": (UNet2d, (2, 2, 32, 48), 1),
+    "multitask": (UNet2dMultiTask, (2, 2, 32, 48), 5),
+    "unet3d": (UNet3d, (2, 2, 5, 32, 48), 1),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("fusion", ["none", "early", "late"])
+def test_every_model_with_every_fusion(name, fusion):
+    cls, shape, k = MODELS[name]
+    net = cls(2, k, features=4, depth=4, fusion=fusion, map_channels=1)
+    distance = torch.rand(shape[0], 1, *shape[2:])
+    assert net(torch.randn(shape), distance).shape == (2, k, 32, 48)
+
+
+def test_multitask_heads_read_the_2f_channel_map():
+    net = UNet2dMultiTask(2, 5, features=8, depth=4)
+    assert net.trunk.out_channels == 16  # the study's 128 at features=64
+    assert len(net.head.branches) == 5
+    assert net.head.branches[0][0][0].in_channels == 16
+    late = UNet2dMultiTask(2, 5, features=8, depth=4, fusion="late", map_channels=1)
+    assert all(b[0][0].in_channels == 17 for b in late.head.branches)
+
+
+def test_depth5_stem_reduces_the_stack_to_one_slice():
+    net = UNet3d(2, 1, features=4)
+    assert net.trunk.inc[0].padding == (0, 1, 1)
+    with pytest.raises(ValueError, match=r"\(B, C, 5, H, W\)"):
+        net(torch.randn(1, 2, 3, 16, 16))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        net(torch.randn(1, 2, 5, 24, 16))
+    assert net.eval()(torch.randn(1, 2, 5, 16, 16)).shape == (1, 1, 16, 16)  # the study's smallest input

@@ -94,3 +94,17 @@ def test_fused_training_runs(tmp_path, fusion, landmarks):
     assert 0 <= metrics["test"]["liver"]["dice_mean"] <= 1
     cached = list((tmp_path / "cache" / "subjects").glob("*/distance-*.npy"))
     assert len(cached) == 6  # one map file per subject, computed once
+
+
+@pytest.mark.parametrize("model,extra", [("unet2d_multitask", []), ("unet3d", ["data.crop=32", "fusion=early"])])
+def test_other_networks_train(tmp_path, model, extra):
+    cfg = compose_train(TINY + [f"model={model}", "trainer.max_epochs=1", "data.batch_size=4",
+                                "model.net.features=4"] + extra, tmp_path)
+    metrics = train(cfg)
+    organs = set(metrics["test"])
+    assert organs == ({"liver", "kidneys", "pancreas", "spleen", "bladder"} if model.endswith("multitask") else {"liver"})
+    events = list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    assert "val/panel" in acc.Tags()["images"]
+    assert all(f"val/dice/{o}" in acc.Tags()["scalars"] for o in organs)

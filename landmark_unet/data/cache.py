@@ -96,6 +96,13 @@ class CacheEntry:
             arr = arr[list(channels)]
         return np.array(arr, dtype=np.float32)
 
+    def image_stack(self, ks: Sequence[int], channels: Sequence[int] | None = None) -> np.ndarray:
+        """Axial slices ``ks`` as float32 (C', len(ks), X, Y)."""
+        arr = self._open("image.npy")[np.asarray(ks)]  # (D, C, X, Y)
+        if channels is not None:
+            arr = arr[:, list(channels)]
+        return np.ascontiguousarray(arr.transpose(1, 0, 2, 3), dtype=np.float32)
+
     def label_slice(self, k: int) -> np.ndarray:
         """Axial slice ``k`` of the packed labels, uint8 (X, Y)."""
         return np.array(self._open("labels.npy")[k])

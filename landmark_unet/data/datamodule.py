@@ -87,6 +87,9 @@ class SliceDataModule(pl.LightningDataModule):
         landmarks: the ``landmarks`` config: ``source`` (file | detect | auto), ``on_missing`` (error | skip) and
             the map settings of :func:`~landmark_unet.landmarks.distance.subject_maps` (``encoding``, ``units``,
             ``space``, ``combine``, ``pairs``, ``sigma_mm``).
+        stack: slices per sample: 1 (2D networks) or 5 (the depth-5 network: slices k-2 .. k+2, edges repeated).
+        crop: random in-plane ``crop x crop`` window of each training sample (the study's depth-5 runs: 256 or 208;
+            divisible by ``pad_multiple``); evaluation always sees the whole slice.
     """
 
     def __init__(
@@ -110,6 +113,8 @@ class SliceDataModule(pl.LightningDataModule):
         seed: int = 0,
         fusion: str = "none",
         landmarks: dict | None = None,
+        stack: int = 1,
+        crop: int | None = None,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -146,6 +151,12 @@ class SliceDataModule(pl.LightningDataModule):
         if fusion not in FUSIONS:
             raise InputError("fusion", f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
         self.fusion = fusion
+        if stack not in (1, 5):
+            raise InputError("data.stack", f"must be 1 (2D slices) or 5 (depth-5 stacks), got {stack}")
+        if crop is not None and (crop < pad_multiple or crop % pad_multiple):
+            raise InputError("data.crop", f"must be a positive multiple of {pad_multiple}, got {crop}")
+        self.stack = stack
+        self.crop = crop
         self.landmarks = {**LANDMARK_DEFAULTS, **(landmarks or {})}
         if self.landmarks["source"] not in ("file", "detect", "auto"):
             raise InputError("landmarks.source", f"unknown source {self.landmarks['source']!r} (choose from file, detect, auto)")
@@ -241,7 +252,8 @@ class SliceDataModule(pl.LightningDataModule):
         entries = [self.entries[n] for n in names]
         index = slice_index(entries, self.organs, organ_slices_only)
         return SliceDataset(entries, [self.subject_id(n) for n in names], index, self.channel_index, self.organs,
-                            self.size, distance_key=self.distance_key if self.fusion != "none" else None)
+                            self.size, distance_key=self.distance_key if self.fusion != "none" else None,
+                            stack=self.stack, crop=self.crop if part == "train" else None)
 
     def _loader(self, dataset: SliceDataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
         return DataLoader(

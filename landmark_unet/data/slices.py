@@ -40,13 +40,16 @@ class SliceDataset(Dataset):
 
     Each item is a dict:
 
-    - ``image``: float32 (C, H, W), the chosen channels of slice ``k`` (H along x, W along y);
+    - ``image``: float32 (C, H, W), the chosen channels of slice ``k`` (H along x, W along y); with ``stack=5``
+      the depth-5 network's input (C, 5, H, W), slices k-2 .. k+2, the edge slice repeated beyond the volume;
     - ``mask``: float32 (K, H, W), 0/1, one channel per organ of ``organs``;
     - ``subject``: int, the subject's position in ``subject_ids`` (the DataModule's global subject index);
     - ``slice``: int, the axial index k;
     - ``size``: int64 (2,), the unpadded (X, Y), so that predictions can be cropped back;
     - ``distance`` (with ``distance_key``): float32 (L, H, W), the landmark distance maps of the slice, zero-padded
-      like the image, never intensity-normalised.
+      like the image, never intensity-normalised; (L, 5, H, W) for stacks;
+
+    the mask is always that of slice ``k`` (the middle slice of a stack).
 
     Args:
         entries: cached subjects.
@@ -57,6 +60,9 @@ class SliceDataset(Dataset):
         size: padded (H, W).
         distance_key: key of the cached distance maps to add (see :func:`~landmark_unet.data.cache.ensure_distance_maps`),
             or None.
+        stack: slices per sample (1: 2D slices; 5: the depth-5 network's stacks).
+        crop: a random ``crop x crop`` in-plane window per sample (training; the study used 256 and 208), zero-padded
+            where the slice is smaller; None: the whole padded slice.
     """
 
     def __init__(
@@ -68,7 +74,11 @@ class SliceDataset(Dataset):
         organs: Sequence[str],
         size: tuple[int, int],
         distance_key: str | None = None,
+        stack: int = 1,
+        crop: int | None = None,
     ):
+        if stack < 1 or stack % 2 == 0:
+            raise ValueError(f"stack must be an odd number of slices, got {stack}")
         self.entries = list(entries)
         self.subject_ids = list(subject_ids)
         self.index = index
@@ -76,33 +86,54 @@ class SliceDataset(Dataset):
         self.bits = np.array([organ_bit(o) for o in organs], dtype=np.uint8)
         self.size = size
         self.distance_key = distance_key
+        self.stack = stack
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _slices(self, k: int, depth: int) -> np.ndarray:
+        """The ``stack`` slice indices centred on k, the edge slice repeated beyond the volume's ends."""
+        half = self.stack // 2
+        return np.clip(np.arange(k - half, k + half + 1), 0, depth - 1)
+
+    def _window(self, x: int, y: int) -> tuple[int, int, int, int]:
+        """(x0, y0, h, w): the region of the (padded) slice this sample shows."""
+        if self.crop is None:
+            return 0, 0, *self.size
+        h = w = self.crop
+        x0 = int(torch.randint(0, max(x - h, 0) + 1, ()).item())
+        y0 = int(torch.randint(0, max(y - w, 0) + 1, ()).item())
+        return x0, y0, h, w
+
     def __getitem__(self, i: int) -> dict:
         e, k = (int(v) for v in self.index[i])
         entry = self.entries[e]
-        image = entry.image_slice(k, self.channels)
+        ks = self._slices(k, entry.shape[2])
         labels = entry.label_slice(k)
         x, y = labels.shape
-        h, w = self.size
-        img = np.zeros((len(self.channels), h, w), np.float32)
-        img[:, :x, :y] = image
+        x0, y0, h, w = self._window(x, y)
+        vx, vy = min(x - x0, h), min(y - y0, w)  # valid extent inside the window
+        if self.stack == 1:
+            image = entry.image_slice(k, self.channels)[:, None]  # (C, 1, X, Y)
+        else:
+            image = entry.image_stack(ks, self.channels)  # (C, D, X, Y)
+        img = np.zeros((len(self.channels), self.stack, h, w), np.float32)
+        img[:, :, :vx, :vy] = image[:, :, x0:x0 + vx, y0:y0 + vy]
         mask = np.zeros((len(self.bits), h, w), np.float32)
-        mask[:, :x, :y] = (labels[None] & self.bits[:, None, None]) > 0
+        mask[:, :vx, :vy] = (labels[None, x0:x0 + vx, y0:y0 + vy] & self.bits[:, None, None]) > 0
         item = {
-            "image": torch.from_numpy(img),
+            "image": torch.from_numpy(img[:, 0] if self.stack == 1 else img),
             "mask": torch.from_numpy(mask),
             "subject": self.subject_ids[e],
             "slice": k,
-            "size": torch.tensor([x, y], dtype=torch.int64),
+            "size": torch.tensor([vx, vy], dtype=torch.int64),
         }
         if self.distance_key is not None:
-            dist = entry.distance_slice(self.distance_key, k)
-            padded = np.zeros((dist.shape[0], h, w), np.float32)
-            padded[:, :x, :y] = dist
-            item["distance"] = torch.from_numpy(padded)
+            dist = np.stack([entry.distance_slice(self.distance_key, int(j)) for j in ks], axis=1)  # (L, D, X, Y)
+            padded = np.zeros((dist.shape[0], self.stack, h, w), np.float32)
+            padded[:, :, :vx, :vy] = dist[:, :, x0:x0 + vx, y0:y0 + vy]
+            item["distance"] = torch.from_numpy(padded[:, 0] if self.stack == 1 else padded)
         return item
 
 

@@ -101,7 +101,10 @@ class SegmentationModule(pl.LightningModule):
             hit = (batch["subject"] == self.panel_key[0]) & (batch["slice"] == self.panel_key[1])
             if hit.any():
                 i = int(hit.nonzero()[0])
-                self._panel = {"image": batch["image"][i, 0], "prob": prob[i], "mask": batch["mask"][i],
+                image = batch["image"][i, 0]
+                if image.ndim == 3:  # a stack: show its middle slice
+                    image = image[image.shape[0] // 2]
+                self._panel = {"image": image, "prob": prob[i], "mask": batch["mask"][i],
                                "size": batch["size"][i]}
 
     def on_validation_epoch_end(self) -> None:

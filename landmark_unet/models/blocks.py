@@ -31,7 +31,8 @@ class Down(nn.Sequential):
 class Up(nn.Module):
     """2x2 transposed-conv upsampling, concatenation with the skip, :class:`DoubleConv`.
 
-    ``forward(x, skip)``: x (B, C_in, H, W), skip (B, C_in/2, 2H, 2W) -> (B, C_out, 2H, 2W).
+    ``forward(x, skip)``: x (B, C_in, H, W), skip (B, C_in/2, 2H, 2W) -> (B, C_out, 2H, 2W);
+    ``forward(x, skip, conv=False)`` stops after the concatenation: (B, C_in, 2H, 2W).
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -39,5 +40,6 @@ class Up(nn.Module):
         self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
         self.conv = DoubleConv(in_channels, out_channels)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, conv: bool = True) -> torch.Tensor:
+        merged = torch.cat([skip, self.up(x)], dim=1)
+        return self.conv(merged) if conv else merged

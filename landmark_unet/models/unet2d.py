@@ -17,23 +17,30 @@ class UNet2dTrunk(nn.Module):
         in_channels: input channels C.
         features: channels of the first level (64 in the study; doubled per level, 1024 at the bottom).
         depth: number of 2x2 max-pooling levels (4 in the study).
+        stem: the first level's block, mapping the input to (B, features, H, W); default a :class:`DoubleConv`
+            (the depth-5 network passes its 3D stem here).
+        last_conv: end with the last level's double convolution (output ``features`` channels); False stops at
+            the last upsampled map concatenated with its skip (``2 * features`` channels, the multi-task block's
+            input in the study's Figure 2).
 
     Shapes:
-        input (B, C, H, W) with H and W divisible by ``2**depth``; output (B, features, H, W), the last
-        decoder feature map.
+        input (B, C, H, W) (or what ``stem`` takes) with H and W divisible by ``2**depth``; output
+        (B, out_channels, H, W), the last decoder feature map.
 
     Raises:
         ValueError: H or W not divisible by ``2**depth``.
     """
 
-    def __init__(self, in_channels: int, features: int = 64, depth: int = 4):
+    def __init__(self, in_channels: int, features: int = 64, depth: int = 4, stem: nn.Module | None = None,
+                 last_conv: bool = True):
         super().__init__()
         if in_channels < 1 or features < 1 or depth < 1:
             raise ValueError(f"in_channels, features and depth must be >= 1, got {in_channels}, {features}, {depth}")
         self.depth = depth
-        self.out_channels = features
+        self.last_conv = last_conv
+        self.out_channels = features if last_conv else 2 * features
         widths = [features * 2**i for i in range(depth + 1)]
-        self.inc = DoubleConv(in_channels, widths[0])
+        self.inc = stem if stem is not None else DoubleConv(in_channels, widths[0])
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
         self.ups = nn.ModuleList(Up(widths[i + 1], widths[i]) for i in reversed(range(depth)))
 
@@ -45,8 +52,8 @@ class UNet2dTrunk(nn.Module):
         for down in self.downs:
             skips.append(down(skips[-1]))
         x = skips.pop()
-        for up in self.ups:
-            x = up(x, skips.pop())
+        for i, up in enumerate(self.ups):
+            x = up(x, skips.pop(), conv=self.last_conv or i < len(self.ups) - 1)
         return x
 
 
