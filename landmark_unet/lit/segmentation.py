@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from landmark_unet.data.augment import AffineAugment
 from landmark_unet.metrics import PerBodyDice
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -45,6 +46,8 @@ class SegmentationModule(pl.LightningModule):
         optimizer: factory taking the parameters (a Hydra ``_partial_`` optimizer).
         scheduler: optional factory taking the optimizer; stepped once per epoch.
         threshold: probability cut-off for the binary masks.
+        augmentation: ranges for :class:`~landmark_unet.data.augment.AffineAugment` (``rotation``, ``scale``,
+            ``shear``, ``p``), applied to training batches on the device; never in validation or test.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class SegmentationModule(pl.LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         threshold: float = 0.5,
+        augmentation: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -62,6 +66,7 @@ class SegmentationModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.threshold = threshold
+        self.augment = AffineAugment(**(augmentation or {}))
         self.val_dice = PerBodyDice()
         self.test_dice = PerBodyDice()
         self.panel_key: tuple[int, int] | None = None
@@ -80,6 +85,11 @@ class SegmentationModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "panel_slice"):
             self.panel_key = dm.panel_slice()
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self._trainer is not None and self.trainer.training and self.augment.active:
+            batch = self.augment(batch)
+        return batch
 
     # -- steps --------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
