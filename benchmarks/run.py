@@ -20,6 +20,7 @@ BENCHMARKS = {
     "data": "from benchmarks.bench_data import run; r = run()",
     "distance": "from benchmarks.bench_distance import run; r = run()",
     "detect": "from benchmarks.bench_detect import run; r = run()",
+    "models": "from benchmarks.bench_models import run; r = run()",
 }
 
 

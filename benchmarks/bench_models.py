@@ -1,0 +1,79 @@
+"""One training step of each network at the study's configuration on this machine, fp32 and bf16-mixed.
+
+    python -m benchmarks.bench_models [--steps 2] [--models unet2d,unet2d_multitask,unet3d]
+
+- unet2d: classic U-Net 64-1024, batch 10 x 2 x 256 x 256 (fat + water), one organ, RMSprop (the study's 2D);
+- unet2d_multitask: batch 10 x 1 x 256 x 256 (fat only, Table 1), five heads, RMSprop;
+- unet3d: batch 4 x 2 x 5 x 256 x 256, Adam (the study's depth-5).
+The step is forward + summed BCE + backward + optimizer step, on the CPU (or the GPU when present), in the
+LightningModule's own loss; bf16-mixed is torch.autocast(bfloat16) around forward and loss, as Lightning does.
+Reports the fastest of ``steps`` timed steps after one warm-up, and the bf16/fp32 speed-up measured side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from landmark_unet.lit.segmentation import SegmentationModule
+from landmark_unet.models.multitask import UNet2dMultiTask
+from landmark_unet.models.unet2d import UNet2d
+from landmark_unet.models.unet3d import UNet3d
+
+CONFIGS = {
+    "unet2d": (lambda: UNet2d(2, 1), (10, 2, 256, 256), 1, torch.optim.RMSprop),
+    "unet2d_multitask": (lambda: UNet2dMultiTask(1, 5), (10, 1, 256, 256), 5, torch.optim.RMSprop),
+    "unet3d": (lambda: UNet3d(2, 1), (4, 2, 5, 256, 256), 1, torch.optim.Adam),
+}
+
+
+def step_seconds(name: str, precision: str, steps: int, device: str) -> float:
+    build, shape, k, opt_cls = CONFIGS[name]
+    torch.manual_seed(0)
+    module = SegmentationModule(build(), ["o"] * k, opt_cls).to(device)
+    opt = opt_cls(module.parameters(), lr=1e-5)
+    x = torch.randn(shape, device=device)
+    y = (torch.rand(shape[0], k, *shape[-2:], device=device) > 0.5).float()
+    times = []
+    for i in range(steps + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = module.loss(module(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run(steps: int = 2, models: tuple[str, ...] = tuple(CONFIGS)) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+                 "threads": torch.get_num_threads()}
+    for name in models:
+        fp32 = step_seconds(name, "32-true", steps, device)
+        bf16 = step_seconds(name, "bf16-mixed", steps, device)
+        out[f"step_seconds_{name}_fp32"] = fp32
+        out[f"step_seconds_{name}_bf16"] = bf16
+        out[f"bf16_speedup_{name}"] = fp32 / bf16
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--models", default=",".join(CONFIGS))
+    args = ap.parse_args()
+    print(json.dumps(run(args.steps, tuple(args.models.split(","))), indent=2))
+
+
+if __name__ == "__main__":
+    main()
