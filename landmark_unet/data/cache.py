@@ -134,9 +134,10 @@ def ensure_distance_maps(entry: CacheEntry, settings: dict) -> str:
     ``settings`` are the keyword arguments of :func:`landmark_unet.landmarks.distance.subject_maps`.
 
     Raises:
-        InputError: the subject has no landmarks, or not enough for the settings.
+        MissingLandmarksError: the subject has no landmarks.
+        InputError: not enough landmarks for the settings.
     """
-    from landmark_unet.errors import InputError
+    from landmark_unet.errors import InputError, MissingLandmarksError
     from landmark_unet.landmarks.distance import subject_maps
 
     key = distance_key(settings)
@@ -145,7 +146,7 @@ def ensure_distance_maps(entry: CacheEntry, settings: dict) -> str:
         return key
     where = next((f for f in entry.meta.get("files", []) if f.endswith("landmarks.txt")), entry.name)
     if entry.landmarks is None:
-        raise InputError(where, "no landmarks for this subject (landmarks.txt missing; try landmarks.source=auto)")
+        raise MissingLandmarksError(where, "no landmarks for this subject (landmarks.txt missing; try landmarks.source=auto)")
     try:
         maps = subject_maps(entry.landmarks, entry.shape, entry.meta["spacing"], **settings)
     except ValueError as err:
