@@ -72,3 +72,17 @@ def test_depth5_stem_reduces_the_stack_to_one_slice():
     with pytest.raises(ValueError, match="divisible by 16"):
         net(torch.randn(1, 2, 5, 24, 16))
     assert net.eval()(torch.randn(1, 2, 5, 16, 16)).shape == (1, 1, 16, 16)  # the study's smallest input
+
+
+def test_multitask_loss_is_the_sum_of_the_per_organ_losses():
+    from landmark_unet.lit.segmentation import SegmentationModule
+
+    torch.manual_seed(0)
+    module = SegmentationModule(UNet2dMultiTask(1, 5, features=4, depth=2), ["liver", "kidneys", "pancreas",
+                                                                              "spleen", "bladder"], torch.optim.Adam)
+    logits = torch.randn(3, 5, 8, 8)
+    mask = (torch.rand(3, 5, 8, 8) > 0.7).float()
+    per_organ = [torch.nn.functional.binary_cross_entropy_with_logits(logits[:, k], mask[:, k]) for k in range(5)]
+    assert torch.allclose(module.loss(logits, mask), sum(per_organ))
+    single = SegmentationModule(UNet2d(1, 1, features=4, depth=2), ["liver"], torch.optim.Adam)
+    assert torch.allclose(single.loss(logits[:, :1], mask[:, :1]), per_organ[0])

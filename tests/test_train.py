@@ -108,3 +108,11 @@ def test_other_networks_train(tmp_path, model, extra):
     acc.Reload()
     assert "val/panel" in acc.Tags()["images"]
     assert all(f"val/dice/{o}" in acc.Tags()["scalars"] for o in organs)
+
+
+def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path):
+    cfg = compose_train(TINY + ["trainer.max_epochs=1", "trainer.precision=bf16-mixed", "model.channels_last=true"],
+                        tmp_path)
+    metrics = train(cfg)
+    assert metrics["precision"] == "bf16-mixed"
+    assert 0 <= metrics["test"]["liver"]["dice_mean"] <= 1
