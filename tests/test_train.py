@@ -16,6 +16,19 @@ TINY = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phan
         "model.net.features=4", "data.num_workers=0", "data.batch_size=8", "data.split.rounds=3"]
 
 
+def tensorboard_tags(tb_dir) -> dict[str, set]:
+    """Scalar and image tags over every event file of a run (fit and test may write separate files)."""
+    events = list(tb_dir.glob("events.out.tfevents.*"))
+    assert events, f"no event file in {tb_dir}"
+    tags = {"scalars": set(), "images": set()}
+    for ev in events:
+        acc = EventAccumulator(str(ev))
+        acc.Reload()
+        tags["scalars"] |= set(acc.Tags()["scalars"])
+        tags["images"] |= set(acc.Tags()["images"])
+    return tags
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
@@ -43,14 +56,7 @@ def test_run_directory(tiny_run):
 
 def test_tensorboard_tags(tiny_run):
     tmp, _, _ = tiny_run
-    events = list((tmp / "run" / "tb").glob("events.out.tfevents.*"))
-    assert events
-    tags = {"scalars": set(), "images": set()}
-    for ev in events:
-        acc = EventAccumulator(str(ev))
-        acc.Reload()
-        tags["scalars"] |= set(acc.Tags()["scalars"])
-        tags["images"] |= set(acc.Tags()["images"])
+    tags = tensorboard_tags(tmp / "run" / "tb")
     assert {"val/dice/liver", "val/dice_mean", "train/loss", "val/loss", "test/dice/liver"} <= tags["scalars"]
     assert "val/panel" in tags["images"]
 
@@ -103,11 +109,9 @@ def test_other_networks_train(tmp_path, model, extra):
     metrics = train(cfg)
     organs = set(metrics["test"])
     assert organs == ({"liver", "kidneys", "pancreas", "spleen", "bladder"} if model.endswith("multitask") else {"liver"})
-    events = list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
-    acc = EventAccumulator(str(events[0]))
-    acc.Reload()
-    assert "val/panel" in acc.Tags()["images"]
-    assert all(f"val/dice/{o}" in acc.Tags()["scalars"] for o in organs)
+    tags = tensorboard_tags(tmp_path / "run" / "tb")
+    assert "val/panel" in tags["images"]
+    assert all(f"val/dice/{o}" in tags["scalars"] for o in organs)
 
 
 def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path):
