@@ -30,6 +30,22 @@ DETECT_MODALITY = {"fat": "mri-fat", "water": "mri-water"}
 CHANNEL_FILES = {"fat": "fat.nii.gz", "water": "water.nii.gz"}
 
 
+def as_volume(data: np.ndarray, where: object) -> np.ndarray:
+    """``data`` as a 3D array (trailing axes of length 1 dropped).
+
+    Raises:
+        InputError: not 3D, or an empty axis; the message names ``where``.
+    """
+    data = np.asanyarray(data)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(where, f"expected a 3D volume, found shape {tuple(data.shape)}")
+    if 0 in data.shape:
+        raise InputError(where, f"volume has an empty axis, shape {tuple(data.shape)}")
+    return data
+
+
 def load_nifti(path: str | Path) -> nib.Nifti1Image:
     """Load a 3D NIfTI image fully into memory, with its header checked.
 
@@ -45,12 +61,7 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
         data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as err:
         raise InputError(path, f"cannot read NIfTI ({err.__class__.__name__}: {str(err).splitlines()[0][:120]})") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(path, f"expected a 3D volume, found shape {tuple(data.shape)}")
-    if 0 in data.shape:
-        raise InputError(path, f"volume has an empty axis, shape {tuple(data.shape)}")
+    data = as_volume(data, path)
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(path, "affine is missing or not invertible")

@@ -73,6 +73,7 @@ import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage as ndi
 
+from landmark_unet.data.sources import as_volume
 from landmark_unet.errors import InputError, exit_on_input_error
 
 MODALITIES = ("mri-fat", "mri-water", "ct")
@@ -462,13 +463,7 @@ def _candidates(b: np.ndarray, body: np.ndarray, csp: np.ndarray) -> tuple[np.nd
 
 def _canonical(image: np.ndarray, affine: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
     """``image`` reoriented to the closest canonical (RAS+) orientation, as float32, with its affine."""
-    image = np.asanyarray(image)
-    while image.ndim > 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-    if image.ndim != 3:
-        raise InputError(source, f"expected a 3D volume, found shape {tuple(image.shape)}")
-    if 0 in image.shape:
-        raise InputError(source, f"volume has an empty axis, shape {tuple(image.shape)}")
+    image = as_volume(image, source)
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise InputError(source, f"image of type {image.dtype} is not real-valued")
     affine = np.asarray(affine, dtype=np.float64)
