@@ -113,6 +113,12 @@ class CacheEntry:
         arr = self._open(f"distance-{key}.npy")
         return np.array(arr[k if arr.shape[0] > 1 else 0])
 
+    def distance_stack(self, key: str, ks: Sequence[int]) -> np.ndarray:
+        """Axial slices ``ks`` of the cached distance maps, float32 (L, len(ks), X, Y), read with one open."""
+        arr = self._open(f"distance-{key}.npy")
+        idx = np.asarray(ks) if arr.shape[0] > 1 else np.zeros(len(ks), dtype=np.int64)
+        return np.ascontiguousarray(arr[idx].transpose(1, 0, 2, 3), dtype=np.float32)
+
     def image_volume(self) -> np.ndarray:
         """All slices, float16 (Z, C, X, Y) (memory-mapped, read-only)."""
         return self._open("image.npy")

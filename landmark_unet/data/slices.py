@@ -130,7 +130,7 @@ class SliceDataset(Dataset):
             "size": torch.tensor([vx, vy], dtype=torch.int64),
         }
         if self.distance_key is not None:
-            dist = np.stack([entry.distance_slice(self.distance_key, int(j)) for j in ks], axis=1)  # (L, D, X, Y)
+            dist = entry.distance_stack(self.distance_key, ks)  # (L, D, X, Y)
             padded = np.zeros((dist.shape[0], self.stack, h, w), np.float32)
             padded[:, :, :vx, :vy] = dist[:, :, x0:x0 + vx, y0:y0 + vy]
             item["distance"] = torch.from_numpy(padded[:, 0] if self.stack == 1 else padded)
