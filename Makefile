@@ -30,7 +30,7 @@ test-slow: $(STAMP)  ## tests marked slow
 	$(BIN)/python -m pytest -q -m slow
 
 lint: $(STAMP)  ## ruff
-	$(BIN)/ruff check landmark_unet tests benchmarks
+	$(BIN)/ruff check landmark_unet hydra_plugins tests benchmarks
 
 bench: $(STAMP)  ## performance benchmarks (never part of make test)
 	$(BIN)/python -m benchmarks.run

@@ -72,3 +72,5 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")  # augmentation, on purpose
+    # Dice is logged from PerBodyDice, whose counts are already gathered from every DDP rank
+    warnings.filterwarnings("ignore", message=r".*self.log\('(val|test)/dice.*sync_dist=True.*")

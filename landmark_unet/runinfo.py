@@ -45,8 +45,9 @@ def versions() -> dict[str, str]:
     return info
 
 
-def write_metrics(path: Path, model, datamodule, extra: dict) -> dict:
-    """Assemble metrics.json from the model's test result and write it atomically."""
+def write_metrics(path: Path | None, model, datamodule, extra: dict) -> dict:
+    """Assemble metrics.json from the model's test result and write it atomically (not when ``path`` is None:
+    the other ranks of a DDP run)."""
     ids, dice = model.test_result
     memory = peak_memory_gib()
     metrics = {
@@ -57,7 +58,8 @@ def write_metrics(path: Path, model, datamodule, extra: dict) -> dict:
         "split": {k: len(v) for k, v in datamodule.split.items() if isinstance(v, list)},
         "versions": versions(),
     }
-    atomic_write_bytes(path, json.dumps(metrics, indent=2).encode())
+    if path is not None:
+        atomic_write_bytes(path, json.dumps(metrics, indent=2).encode())
     return metrics
 
 

@@ -2,7 +2,7 @@
 
 Builds data, model, callbacks, logger and trainer from the Hydra config, fits, tests the best checkpoint on the
 held-out bodies and writes ``metrics.json`` into the run directory (with ``checkpoints/``, ``tb/`` and
-``splits.json`` beside it). Returns the mean test Dice (a sweeper's objective).
+``splits.json`` beside it). Returns the best validation Dice (a sweeper's objective: never the test bodies).
 """
 
 from __future__ import annotations
@@ -18,16 +18,19 @@ from omegaconf import DictConfig
 
 from landmark_unet.config import quiet_third_party, resolve_precision, validate
 from landmark_unet.errors import exit_on_input_error
-from landmark_unet.lit.callbacks import EpochTimer
+from landmark_unet.launch import check_ddp_launch, pin_local_job_gpu
+from landmark_unet.lit.callbacks import EpochTimer, MetricHistory
 from landmark_unet.runinfo import checkpoint_callback, run_overrides, summary_lines, write_metrics
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one experiment from a composed config and return its metrics (also written to metrics.json)."""
+    """Run one experiment from a composed config and return its metrics (also written to metrics.json by rank 0)."""
     t0 = time.perf_counter()
     validate(cfg)
+    check_ddp_launch(cfg)
+    pin_local_job_gpu(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -35,8 +38,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # read and validate the data before anything is written to the run
     model = instantiate(cfg.model)
-    timer = EpochTimer()
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None] + [timer]
+    timer, history = EpochTimer(), MetricHistory()
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None] + [timer, history]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger, precision=resolve_precision(cfg.trainer.precision)
@@ -47,7 +50,7 @@ def train(cfg: DictConfig) -> dict:
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
     metrics = write_metrics(
-        out / "metrics.json",
+        out / "metrics.json" if trainer.is_global_zero else None,
         model=model,
         datamodule=datamodule,
         extra={
@@ -58,10 +61,12 @@ def train(cfg: DictConfig) -> dict:
             "wall_seconds": time.perf_counter() - t0,
             "overrides": run_overrides(),
             "precision": str(trainer.precision),
+            "history": history.history,
         },
     )
-    for line in summary_lines(metrics):
-        print(line, flush=True)
+    if trainer.is_global_zero:
+        for line in summary_lines(metrics):
+            print(line, flush=True)
     return metrics
 
 
@@ -70,8 +75,8 @@ def main(cfg: DictConfig) -> float:
     quiet_third_party()
     with exit_on_input_error():
         metrics = train(cfg)
-        means = [m["dice_mean"] for m in metrics["test"].values()]
-        return float(sum(means) / len(means))
+        best = metrics["best_val_dice_mean"]
+        return float("nan") if best is None else float(best)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ from torch.utils.data import DataLoader
 
 from landmark_unet.data.cache import CacheEntry, CacheJob, build_cache, ensure_distance_maps
 from landmark_unet.data.organs import ORGANS, organ_bit
-from landmark_unet.data.slices import ForegroundOversampler, SliceDataset, padded_size, slice_index
+from landmark_unet.data.slices import (
+    EvalShardSampler,
+    ForegroundOversampler,
+    SliceDataset,
+    padded_size,
+    slice_index,
+)
 from landmark_unet.data.sources import CHANNEL_FILES, list_folder_subjects, read_folder_subject
 from landmark_unet.data.splits import load_split, make_split, save_split
 from landmark_unet.errors import InputError, MissingLandmarksError
@@ -281,13 +287,18 @@ class SliceDataModule(pl.LightningDataModule):
         sampler = ForegroundOversampler(np.flatnonzero(holds), len(ds), self.foreground_fraction, seed=self.seed)
         return self._loader(ds, self.batch_size, shuffle=True, sampler=sampler)
 
+    def _eval_loader(self, part: str) -> DataLoader:
+        """Every slice of the bodies of ``part``; under DDP each rank a share, unpadded (EvalShardSampler)."""
+        ds = self.dataset(part, organ_slices_only=False)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        sampler = EvalShardSampler(ds) if distributed and torch.distributed.get_world_size() > 1 else None
+        return self._loader(ds, self.eval_batch_size, shuffle=False, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        part = "val" if self.split["val"] else "test"
-        return self._loader(self.dataset(part, organ_slices_only=False), self.eval_batch_size, shuffle=False)
+        return self._eval_loader("val" if self.split["val"] else "test")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset("test", organ_slices_only=False), self.eval_batch_size, shuffle=False)
+        return self._eval_loader("test")
 
     def panel_slice(self) -> tuple[int, int]:
         """(subject id, slice) shown in the TensorBoard image panel: the middle organ slice of the first

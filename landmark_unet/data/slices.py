@@ -175,3 +175,25 @@ class ForegroundOversampler(torch.utils.data.Sampler[int]):
         picks = np.where(forced, self.foreground[rng.integers(0, len(self.foreground), self.num_samples)],
                          rng.integers(0, self.total, self.num_samples))
         return iter(picks.tolist())
+
+
+class EvalShardSampler(torch.utils.data.DistributedSampler):
+    """Evaluation sampler under DDP: rank r takes samples r, r + W, r + 2W, ... (W ranks), in order, without the
+    padding a plain DistributedSampler adds to even out the ranks (padding would count some slices twice).
+
+    A body's slices are thus spread over the ranks; per-body Dice stays exact because
+    :class:`~landmark_unet.metrics.PerBodyDice` gathers the voxel counts of every rank with their body ids before
+    summing per body. (A DistributedSampler subclass, so Lightning keeps it instead of putting its own.)
+    """
+
+    def __init__(self, dataset, num_replicas: int | None = None, rank: int | None = None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.positions = list(range(self.rank, len(dataset), self.num_replicas))
+        self.num_samples = len(self.positions)
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(self.positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)

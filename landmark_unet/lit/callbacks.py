@@ -44,3 +44,22 @@ def peak_memory_gib() -> dict[str, float]:
     if torch.cuda.is_available():
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+class MetricHistory(pl.Callback):
+    """Keeps every epoch's validation metrics (``val/...``) for metrics.json: the Dice-vs-epoch curves of the
+    report (the study's Figure 7). One host read per validation epoch, none in the training step."""
+
+    def __init__(self):
+        self.history: dict[str, list[float]] = {"epoch": []}
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.history["epoch"].append(trainer.current_epoch)
+        for key, value in values.items():
+            self.history.setdefault(key, [float("nan")] * (len(self.history["epoch"]) - 1)).append(value)
+        for series in self.history.values():  # a metric missing this epoch keeps the series aligned
+            if len(series) < len(self.history["epoch"]):
+                series.append(float("nan"))

@@ -102,7 +102,9 @@ class SegmentationModule(pl.LightningModule):
     # -- steps --------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["image"], batch.get("distance")), batch["mask"])
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]))
+        # sync_dist: one all-reduce at the epoch's end under DDP, none per step
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]),
+                 sync_dist=True)
         return loss
 
     def _evaluate(self, batch: dict, metric: PerBodyDice) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +116,8 @@ class SegmentationModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits, prob = self._evaluate(batch, self.val_dice)
-        self.log("val/loss", self.loss(logits, batch["mask"]), on_epoch=True, batch_size=len(batch["image"]))
+        self.log("val/loss", self.loss(logits, batch["mask"]), on_epoch=True, batch_size=len(batch["image"]),
+                 sync_dist=True)
         if self.panel_key is not None:
             hit = (batch["subject"] == self.panel_key[0]) & (batch["slice"] == self.panel_key[1])
             if hit.any():

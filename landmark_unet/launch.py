@@ -1,0 +1,59 @@
+"""How this training process was launched: DDP rank launch checks and GPU pinning of parallel local jobs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from omegaconf import DictConfig
+
+from landmark_unet.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def _hydra_job() -> tuple[bool, int]:
+    """(inside a Hydra multirun, this job's number); (False, 0) outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False, 0
+    hc = HydraConfig.get()
+    return hc.mode == RunMode.MULTIRUN, int(hc.job.get("num", 0) or 0)
+
+
+def _devices(cfg: DictConfig):
+    return cfg.trainer.get("devices", 1)
+
+
+def check_ddp_launch(cfg: DictConfig) -> None:
+    """Lightning's DDP relaunches the command once per rank: right for a single run, wrong inside a Hydra multirun
+    on one machine (each rank would start the whole sweep again). There, the ranks must come from the cluster
+    (SLURM tasks through hydra/launcher=submitit_slurm, or torchrun)."""
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    devices = _devices(cfg)
+    if not strategy.startswith("ddp") or strategy == "ddp_spawn" or devices in (1, "1"):
+        return
+    multirun, _ = _hydra_job()
+    launched = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if multirun and not launched:
+        raise InputError("trainer.strategy", f"{strategy} on {devices} devices inside a multirun without a cluster "
+                         "launcher: use hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node equal to "
+                         "trainer.devices, or run the setting as a single run")
+
+
+def pin_local_job_gpu(cfg: DictConfig) -> int | None:
+    """Under hydra/launcher=submitit_local, jobs run side by side and every job sees the same GPUs; a one-device job
+    number k is pinned to visible GPU k mod N (CUDA_VISIBLE_DEVICES) so parallel jobs do not share a card.
+    Returns the physical GPU chosen, or None when nothing was changed (no local submitit job, < 2 GPUs)."""
+    if "SUBMITIT_LOCAL_JOB_ID" not in os.environ or _devices(cfg) not in (1, "1"):
+        return None
+    visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if len(visible) < 2:
+        return None
+    _, job = _hydra_job()
+    chosen = visible[job % len(visible)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = chosen
+    log.info("submitit_local job %d pinned to GPU %s of %s", job, chosen, ",".join(visible))
+    return int(chosen) if chosen.isdigit() else None

@@ -1,0 +1,71 @@
+"""DDP: evaluation shards without duplicates, per-body Dice over 2 CPU processes (gloo) equals 1 process, GPU
+pinning of parallel local jobs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from landmark_unet.data.slices import EvalShardSampler
+from landmark_unet.launch import pin_local_job_gpu
+
+
+class FakeDataset:
+    def __init__(self, n):
+        self.index = [(i // 7, i % 7) for i in range(n)]
+
+    def __len__(self):
+        return len(self.index)
+
+
+@pytest.mark.parametrize("n", [1, 13, 14, 100])
+@pytest.mark.parametrize("world", [2, 3])
+def test_eval_shards_cover_every_sample_exactly_once(n, world):
+    shards = [list(EvalShardSampler(FakeDataset(n), num_replicas=world, rank=r)) for r in range(world)]
+    flat = sorted(i for s in shards for i in s)
+    assert flat == list(range(n))  # no padding, no duplicate, nothing lost
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_ddp_two_processes_give_the_per_body_dice_of_one_process(tmp_path):
+    """Train with trainer=ddp on 2 CPU processes (gloo): the test Dice it reports, computed with each body's slices
+    spread over both ranks, equals a 1-process evaluation of the same checkpoint on the same bodies."""
+    common = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
+              "model.net.features=8", "optim=adam", "model.optimizer.lr=3e-3", "data.sampling=oversample",
+              "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=7", "data.split.rounds=3",
+              "~callbacks.progress", "trainer.enable_progress_bar=false"]
+    env = os.environ.copy()
+    ddp = subprocess.run([sys.executable, "-m", "landmark_unet.train", "trainer=ddp", "trainer.devices=2",
+                          "trainer.max_epochs=6", *common, f"hydra.run.dir={tmp_path / 'ddp'}"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "Starting with 2 processes" in ddp.stdout + ddp.stderr
+    with_ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    one = subprocess.run([sys.executable, "-m", "landmark_unet.evaluate", f"ckpt={with_ddp['checkpoint']}",
+                          f"hydra.run.dir={tmp_path / 'one'}"], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    a, b = with_ddp["test"]["liver"]["per_body"], single["test"]["liver"]["per_body"]
+    assert sorted(a) == sorted(b) and len(a) == 2
+    assert max(a.values()) > 0.01  # a trained model: the comparison is not between two empty predictions
+    for body in a:
+        assert a[body] == pytest.approx(b[body], abs=1e-6)
+
+
+def test_local_submitit_jobs_are_pinned_to_their_own_gpu(monkeypatch):
+    cfg = OmegaConf.create({"trainer": {"devices": 1}})
+    monkeypatch.delenv("SUBMITIT_LOCAL_JOB_ID", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert pin_local_job_gpu(cfg) is None and os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2"
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "123")
+    assert pin_local_job_gpu(cfg) == 0  # outside Hydra the job number is 0
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    monkeypatch.setattr("landmark_unet.launch._hydra_job", lambda: (True, 4))  # job 4 of a sweep on 3 GPUs
+    assert pin_local_job_gpu(cfg) == 1 and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert pin_local_job_gpu(OmegaConf.create({"trainer": {"devices": 2}})) is None  # a DDP job keeps its GPUs
