@@ -77,8 +77,8 @@ def test_grid_rows_refuse_a_key_in_both():
         expand(["organ=liver,spleen"], [["organ=all"]])
 
 
-def _multirun(tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "landmark_unet.train", "-m", *TINY, "~callbacks.progress",
+def _multirun(tmp_path: Path, *overrides: str, timeout: int = 600, base=tuple(TINY)) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "landmark_unet.train", "-m", *base, "~callbacks.progress",
            "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=os.environ.copy())
 
@@ -124,3 +124,15 @@ def test_optuna_search_config_composes():
     sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=False)
     assert sweeper["_target_"].endswith("OptunaSweeper") and sweeper["direction"] == "maximize"
     assert {"model.optimizer.lr", "data.batch_size", "trainer.max_epochs"} <= set(sweeper["params"])
+
+
+def test_optuna_search_maximises_the_validation_dice(tmp_path):
+    """Two real trials: the value Optuna records is a run's best validation Dice (never its test Dice)."""
+    proc = _multirun(tmp_path, "hparams_search=optuna_2d", "hydra.sweeper.n_trials=2", "trainer.max_epochs=choice(1,2)",
+                     base=[o for o in TINY if not o.startswith(("trainer.max_epochs", "data.batch_size"))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/metrics.json")]
+    assert len(runs) == 2
+    assert result.best_value == pytest.approx(max(r["best_val_dice_mean"] for r in runs))
+    assert set(result.best_params) == {"model.optimizer.lr", "data.batch_size", "trainer.max_epochs"}
