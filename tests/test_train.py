@@ -52,6 +52,10 @@ def test_run_directory(tiny_run):
     for key in ("seconds_per_epoch", "peak_memory_gib", "overrides"):
         assert key in on_disk
     assert 0 <= liver["dice_mean"] <= 1 and liver["dice_std"] >= 0
+    history = on_disk["history"]  # the validation curves of the report, one value per epoch, in step
+    assert history["epoch"] == [0, 1]
+    assert all(0 <= v <= 1 for v in history["val/dice/liver"])
+    assert on_disk["best_val_dice_mean"] == pytest.approx(max(history["val/dice_mean"]))
 
 
 def test_tensorboard_tags(tiny_run):

@@ -48,12 +48,15 @@ def peak_memory_gib() -> dict[str, float]:
 
 class MetricHistory(pl.Callback):
     """Keeps every epoch's validation metrics (``val/...``) for metrics.json: the Dice-vs-epoch curves of the
-    report (the study's Figure 7). One host read per validation epoch, none in the training step."""
+    report (the study's Figure 7). One host read per validation epoch, none in the training step.
+
+    Read in ``on_validation_end``: Lightning calls the callbacks' ``on_validation_epoch_end`` before the module's,
+    where the Dice is logged, so reading there would give the previous epoch's values."""
 
     def __init__(self):
         self.history: dict[str, list[float]] = {"epoch": []}
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
