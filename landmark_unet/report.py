@@ -25,6 +25,7 @@ import io
 import json
 import math
 import sys
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,8 +271,9 @@ def plot_bars(table: Table, records: list[dict]) -> bytes:
     return data
 
 
-def plot_curves(table: Table) -> bytes | None:
-    """Validation Dice per epoch, one panel per organ, one line per setting (mean over its runs)."""
+def plot_curves(table: Table, settings: list[str]) -> bytes | None:
+    """Validation Dice per epoch, one panel per organ, one line per setting (mean over its runs), in the order (and
+    colours) of the bar plot."""
     organs = [o for o in table.organs() if any(table.curves[s].get(o) for s in table.curves)]
     if not organs:
         return None
@@ -284,13 +286,15 @@ def plot_curves(table: Table) -> bytes | None:
     rows = math.ceil(len(organs) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, organ in zip(axes.flat, organs):
-        for setting in sorted(table.curves):
-            series = table.curves[setting].get(organ)
+        for colour, setting in enumerate(settings):
+            series = table.curves.get(setting, {}).get(organ)
             if not series:
                 continue
             n = min(len(s) for s in series)
-            mean = np.nanmean(np.array([s[:n] for s in series], dtype=np.float64), axis=0)
-            ax.plot(np.arange(1, n + 1), mean, label=f"{setting} ({len(series)})")
+            with warnings.catch_warnings():  # an epoch without a value in any run stays a gap in the line
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(np.array([s[:n] for s in series], dtype=np.float64), axis=0)
+            ax.plot(np.arange(1, n + 1), mean, color=f"C{colour}", label=f"{setting} ({len(series)} runs)")
         ax.set_title(organ)
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation Dice")
@@ -298,6 +302,8 @@ def plot_curves(table: Table) -> bytes | None:
     for ax in axes.flat[len(organs):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
+    fig.suptitle(f"{table.name}: validation Dice per epoch")
+    fig.tight_layout()
     data = _png(fig)
     plt.close(fig)
     return data
@@ -315,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         if not tables:
             raise InputError(args.dirs[0], "no run (no .hydra folder) below this directory")
         out = args.out or args.dirs[0]
+        out.mkdir(parents=True, exist_ok=True)
         md, records = [], []
         for table in tables.values():
             recs = analyse(table)
@@ -322,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
             md.append(render_table(table, recs))
             if not args.no_plots and recs:
                 atomic_write_bytes(out / f"{table.name}_dice.png", plot_bars(table, recs))
-                curves = plot_curves(table)
+                curves = plot_curves(table, list(dict.fromkeys(r["setting"] for r in recs)))
                 if curves is not None:
                     atomic_write_bytes(out / f"{table.name}_curves.png", curves)
         text = "\n".join(md)
