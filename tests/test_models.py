@@ -86,3 +86,17 @@ def test_multitask_loss_is_the_sum_of_the_per_organ_losses():
     assert torch.allclose(module.loss(logits, mask), sum(per_organ))
     single = SegmentationModule(UNet2d(1, 1, features=4, depth=2), ["liver"], torch.optim.Adam)
     assert torch.allclose(single.loss(logits[:, :1], mask[:, :1]), per_organ[0])
+
+
+def test_depth5_stem_stays_fp32_under_cpu_bf16_autocast():
+    """bf16 3D convolutions have no fast CPU kernel: under CPU autocast the stem runs in fp32 (same values), the rest
+    of the network in bf16."""
+    from landmark_unet.models.unet3d import Stem3d
+
+    torch.manual_seed(0)
+    stem = Stem3d(2, 8).eval()
+    x = torch.randn(2, 2, 5, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = stem(x)
+    assert mixed.dtype == torch.float32
+    assert torch.equal(mixed, stem(x))
