@@ -34,7 +34,7 @@ class Stem3d(nn.Sequential):
         if x.ndim != 5 or x.shape[2] != STACK_DEPTH:
             raise ValueError(f"the depth-5 network takes (B, C, 5, H, W) stacks, got {tuple(x.shape)}")
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # bf16 3D convolutions have no fast CPU kernel (measured: > 2 min against 1.4 s in fp32 for one
+            # bf16 3D convolutions have no fast CPU kernel (measured: > 5 min against 1.35 s in fp32 for one
             # forward + backward of this stem at 4 x 2 x 5 x 256 x 256): keep the stem in fp32 on the CPU.
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float()).squeeze(2)
