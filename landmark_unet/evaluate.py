@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from landmark_unet.config import quiet_third_party, resolve_precision
 from landmark_unet.errors import InputError, exit_on_input_error
-from landmark_unet.runinfo import run_overrides, summary_lines, write_metrics
+from landmark_unet.runinfo import run_overrides, saved_overrides, summary_lines, write_metrics
 
 
 def load_run_config(ckpt: Path) -> tuple[DictConfig, Path]:
@@ -43,11 +43,6 @@ def load_weights(model: pl.LightningModule, ckpt: Path) -> None:
         raise InputError(ckpt, f"does not fit the model of its run ({len(missing)} missing, {len(unexpected)} unexpected keys)")
 
 
-def train_overrides(run_dir: Path) -> list[str]:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
-
-
 def evaluate(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
     if not cfg.get("ckpt"):
@@ -69,7 +64,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out = Path(cfg.output_dir)
     metrics = write_metrics(out / "metrics.json", model=model, datamodule=datamodule, extra={
         "checkpoint": str(ckpt), "split_file": str(split_file), "wall_seconds": time.perf_counter() - t0,
-        "overrides": run_overrides(), "train_overrides": train_overrides(run_dir),
+        "overrides": run_overrides(), "train_overrides": saved_overrides(run_dir),
     })
     for line in summary_lines(metrics):
         print(line, flush=True)

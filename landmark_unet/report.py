@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from landmark_unet.data.nifti import atomic_write_bytes
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.errors import InputError, exit_on_input_error
+from landmark_unet.runinfo import saved_overrides
 from landmark_unet.stats import bootstrap_ci, holm, paired
 
 IGNORED_KEYS = ("organ", "data.split.round", "experiment", "hydra.", "paths.", "trainer.enable_progress_bar",
@@ -72,11 +73,6 @@ class Table:
         return min(matches, key=len) if matches else None
 
 
-def _load_overrides(run: Path) -> list[str]:
-    path = run / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.exists() else []
-
-
 def _planned_jobs(multirun_yaml: Path) -> tuple[str | None, list[list[str]]]:
     """(table name, the jobs a multirun planned) from its multirun.yaml: params, command-line sweeps and rows."""
     from hydra_plugins.landmark_unet_sweeper.grid import expand
@@ -91,12 +87,9 @@ def _planned_jobs(multirun_yaml: Path) -> tuple[str | None, list[list[str]]]:
 
 def _varying(override_lists: list[list[str]]) -> set[str]:
     """The override keys whose value differs between runs (or that some runs lack): what tells settings apart."""
-    values: dict[str, set] = defaultdict(set)
-    for overrides in override_lists:
-        for o in overrides:
-            values[o.split("=", 1)[0]].add(o)
-    return {k for k, v in values.items() if len(v) > 1 or any(k not in {o.split("=", 1)[0] for o in ol}
-                                                               for ol in override_lists)}
+    runs = [{o.split("=", 1)[0]: o for o in overrides} for overrides in override_lists]
+    keys = set().union(*runs)
+    return {k for k in keys if len({run.get(k) for run in runs}) > 1}
 
 
 def collect(dirs: list[Path], baseline: str | None = None) -> dict[str, Table]:
@@ -109,7 +102,7 @@ def collect(dirs: list[Path], baseline: str | None = None) -> dict[str, Table]:
         if not d.is_dir():
             raise InputError(d, "run directory is missing")
         for hydra_dir in sorted(d.rglob(".hydra")):
-            overrides = _load_overrides(hydra_dir.parent)
+            overrides = saved_overrides(hydra_dir.parent)
             seen.add(frozenset(overrides))
             cfg = OmegaConf.load(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").exists() else {}
             report = cfg.get("report") or {}

@@ -24,6 +24,14 @@ def run_overrides() -> list[str]:
         return []
 
 
+def saved_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides a finished run saved (``<run>/.hydra/overrides.yaml``; [] without one)."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
 def checkpoint_callback(trainer: pl.Trainer) -> pl.callbacks.ModelCheckpoint | None:
     return trainer.checkpoint_callback
 

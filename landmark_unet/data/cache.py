@@ -107,14 +107,9 @@ class CacheEntry:
         """Axial slice ``k`` of the packed labels, uint8 (X, Y)."""
         return np.array(self._open("labels.npy")[k])
 
-    def distance_slice(self, key: str, k: int) -> np.ndarray:
-        """Axial slice ``k`` of the distance maps cached under ``key``, float32 (L, X, Y) (an in-plane map, one
-        for all slices, when the maps were made with ``space=plane``)."""
-        arr = self._open(f"distance-{key}.npy")
-        return np.array(arr[k if arr.shape[0] > 1 else 0])
-
     def distance_stack(self, key: str, ks: Sequence[int]) -> np.ndarray:
-        """Axial slices ``ks`` of the cached distance maps, float32 (L, len(ks), X, Y), read with one open."""
+        """Axial slices ``ks`` of the distance maps cached under ``key``, float32 (L, len(ks), X, Y), read with one
+        open (one in-plane map for every slice when the maps were made with ``space=plane``)."""
         arr = self._open(f"distance-{key}.npy")
         idx = np.asarray(ks) if arr.shape[0] > 1 else np.zeros(len(ks), dtype=np.int64)
         return np.ascontiguousarray(arr[idx].transpose(1, 0, 2, 3), dtype=np.float32)
@@ -135,7 +130,7 @@ def distance_key(settings: dict) -> str:
 
 def ensure_distance_maps(entry: CacheEntry, settings: dict) -> str:
     """Compute the distance maps of ``entry`` for ``settings`` once and cache them beside its image; returns the
-    key for :meth:`CacheEntry.distance_slice`.
+    key for :meth:`CacheEntry.distance_stack`.
 
     ``settings`` are the keyword arguments of :func:`landmark_unet.landmarks.distance.subject_maps`.
 
