@@ -11,7 +11,7 @@ from landmark_unet.data.organs import ORGANS
 from landmark_unet.errors import InputError
 from landmark_unet.landmarks.distance import map_channels
 
-CONTENTS = {"fat": ["fat"], "water": ["water"], "both": ["fat", "water"]}
+CONTENTS = {"fat": ["fat"], "water": ["water"], "both": ["fat", "water"], "single": ["single"]}
 
 
 def organs_of(organ: str) -> list[str]:

@@ -52,3 +52,47 @@ def compose_train(overrides: list[str], tmp_path: Path):
 
 
 os.environ.setdefault("LANDMARK_UNET_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "landmark_unet_test_cache"))
+
+
+# label values of the toy nnU-Net datasets (kidneys split into right and left, as in real datasets)
+TOY_LABELS = {"background": 0, "liver": 1, "kidney_right": 2, "kidney_left": 3, "pancreas": 4, "spleen": 5,
+              "urinary_bladder": 6}
+TOY_LABEL_NAMES = {"liver": ["liver"], "kidneys": ["kidney_right", "kidney_left"], "pancreas": ["pancreas"],
+                   "spleen": ["spleen"], "bladder": ["urinary_bladder"]}
+
+
+def toy_label_map(subject_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The folder subject's five masks as one label map of :data:`TOY_LABELS` (the kidney box split at x = 5) and
+    its affine."""
+    import nibabel as nib
+
+    label = None
+    for organ, names in TOY_LABEL_NAMES.items():
+        img = nib.load(subject_dir / "masks" / f"{organ}.nii.gz")
+        m = np.asanyarray(img.dataobj) > 0
+        label = np.zeros(m.shape, np.uint8) if label is None else label
+        if organ == "kidneys":
+            right = m.copy()
+            right[5:] = False
+            label[right] = TOY_LABELS["kidney_right"]
+            label[m & ~right] = TOY_LABELS["kidney_left"]
+        else:
+            label[m] = TOY_LABELS[names[0]]
+    return label, img.affine
+
+
+def write_toy_nnunet(root: Path, folder_root: Path, channels=("fat", "water")) -> Path:
+    """An nnU-Net v2 dataset holding the subjects of a toy folder dataset: <case>_0000 fat, _0001 water."""
+    import json
+    import shutil
+
+    for d in sorted(p for p in folder_root.iterdir() if p.is_dir()):
+        for i, c in enumerate(channels):
+            (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+            shutil.copy(d / f"{c}.nii.gz", root / "imagesTr" / f"{d.name}_{i:04d}.nii.gz")
+        label, affine = toy_label_map(d)
+        save_nifti(root / "labelsTr" / f"{d.name}.nii.gz", label, affine)
+    meta = {"channel_names": {str(i): c for i, c in enumerate(channels)}, "labels": TOY_LABELS,
+            "numTraining": 6, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root

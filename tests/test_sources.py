@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import REAL_DIR, write_toy_subject
 
+from landmark_unet.data.geometry import to_canonical
 from landmark_unet.data.nifti import save_nifti
 from landmark_unet.data.organs import ORGANS
-from landmark_unet.data.sources import list_folder_subjects, load_nifti, read_folder_subject, to_canonical
+from landmark_unet.data.sources import list_folder_subjects, load_nifti, read_folder_subject
 from landmark_unet.errors import InputError
 from landmark_unet.landmarks.io import read_landmarks, write_landmarks
 
@@ -56,7 +57,7 @@ def test_reoriented_copy_reads_identically(tmp_path):
 def test_real_lps_mri_becomes_ras():
     img = load_nifti(REAL_DIR / "example_mr_sm.nii.gz")
     assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
-    data, affine = to_canonical(img)
+    data, affine = to_canonical(img.dataobj, img.affine)
     assert nib.aff2axcodes(affine) == ("R", "A", "S")
     raw = np.asanyarray(img.dataobj)
     np.testing.assert_array_equal(data, raw[::-1, ::-1, :])

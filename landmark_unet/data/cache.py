@@ -31,18 +31,41 @@ from landmark_unet.data.organs import ORGANS, organ_bit
 from landmark_unet.data.subject import Subject
 
 CACHE_VERSION = 1
-NORMALISATIONS = ("percentile", "zscore", "none")
+NORMALISATIONS = ("percentile", "zscore", "ct", "none")
+CT_WINDOW = (-200.0, 300.0)  # HU: fat, soft tissue and contrast-enhanced organs; bone and air saturate
 
 
-def normalise_channel(x: np.ndarray, method: str) -> tuple[np.ndarray, dict]:
-    """Normalise one channel (X, Y, Z) float32.
+def resolve_normalisation(method: str, modality: str) -> str:
+    """``auto`` -> ``zscore`` for an MRI, ``ct`` for a CT; anything else unchanged (checked).
+
+    Raises:
+        InputError: unknown method or modality.
+    """
+    from landmark_unet.errors import InputError
+
+    if modality not in ("mri", "ct"):
+        raise InputError("data.modality", f"unknown modality {modality!r} (choose from mri, ct)")
+    if method == "auto":
+        return "ct" if modality == "ct" else "zscore"
+    if method not in NORMALISATIONS:
+        raise InputError("data.normalisation", f"unknown normalisation {method!r} "
+                                               f"(choose from auto, {', '.join(NORMALISATIONS)})")
+    return method
+
+
+def normalise_channel(x: np.ndarray, method: str, ct_window: Sequence[float] = CT_WINDOW) -> tuple[np.ndarray, dict]:
+    """Normalise one channel (X, Y, Z) float32 (never the landmark distance maps, which stay in [0, 1]).
 
     ``percentile``: divide by the 99.5th percentile of the non-zero voxels (MRI magnitudes, keeps 0 at 0 and the
-    fat/water ratio per voxel); ``zscore``: subtract the mean and divide by the standard deviation of the
-    non-zero voxels; ``none``: unchanged.
+    fat/water ratio per voxel: the phantom's and the study's Dixon default); ``zscore``: subtract the mean and
+    divide by the standard deviation of the non-zero voxels (MRI of any sequence); ``ct``: clip Hounsfield units
+    to ``ct_window`` and scale that window to [0, 1]; ``none``: unchanged.
     """
     if method == "none":
         return x, {"method": method}
+    if method == "ct":
+        lo, hi = (float(v) for v in ct_window)
+        return (np.clip(x, lo, hi) - lo) / (hi - lo), {"method": method, "window": [lo, hi]}
     sample = x[::2, ::2, ::2]
     sample = sample[sample != 0]
     if sample.size == 0:
@@ -54,6 +77,17 @@ def normalise_channel(x: np.ndarray, method: str) -> tuple[np.ndarray, dict]:
         mean, std = float(sample.mean()), float(sample.std()) or 1.0
         return (x - mean) / std, {"method": method, "mean": mean, "std": std}
     raise ValueError(f"unknown normalisation {method!r}")
+
+
+def normalise_image(image: np.ndarray, method: str, ct_window: Sequence[float] = CT_WINDOW) -> tuple[np.ndarray, list]:
+    """Normalise each channel of (C, X, Y, Z) and store it as the cache does: float16 (C, X, Y, Z), with the
+    per-channel settings used. Training (through the cache) and prediction see the same numbers."""
+    out, infos = [], []
+    for channel in image:
+        x, info = normalise_channel(np.asarray(channel, np.float32), method, ct_window)
+        out.append(x.astype(np.float16))
+        infos.append(info)
+    return np.stack(out), infos
 
 
 @dataclass(frozen=True)
@@ -176,18 +210,15 @@ def pack_labels(subject: Subject) -> np.ndarray:
     return np.ascontiguousarray(packed.transpose(2, 0, 1))
 
 
-def write_entry(subject: Subject, final: Path, normalisation: str, fp: str) -> CacheEntry:
+def write_entry(subject: Subject, final: Path, normalisation: str, fp: str,
+                ct_window: Sequence[float] = CT_WINDOW) -> CacheEntry:
     """Preprocess ``subject`` and write its cache folder atomically to ``final``."""
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        channels, norms = [], []
-        for c in range(subject.image.shape[0]):
-            x, info = normalise_channel(subject.image[c], normalisation)
-            channels.append(x.astype(np.float16))
-            norms.append(info)
-        image = np.ascontiguousarray(np.stack(channels).transpose(3, 0, 1, 2))  # (Z, C, X, Y)
+        normalised, norms = normalise_image(subject.image, normalisation, ct_window)
+        image = np.ascontiguousarray(normalised.transpose(3, 0, 1, 2))  # (Z, C, X, Y)
         np.save(tmp / "image.npy", image)
         labels = pack_labels(subject)
         np.save(tmp / "labels.npy", labels)
@@ -235,14 +266,15 @@ class CacheJob:
     settings: dict = field(default_factory=dict)  # what else the reader's output depends on (fingerprinted)
 
 
-def _build_one(args: tuple[CacheJob, Path, str, tuple]) -> CacheEntry | Exception:
-    job, cache_dir, normalisation, skip = args
-    fp = fingerprint(job.files, {"normalisation": normalisation, **job.settings})
+def _build_one(args: tuple[CacheJob, Path, str, tuple, tuple]) -> CacheEntry | Exception:
+    job, cache_dir, normalisation, skip, ct_window = args
+    window = {"ct_window": list(ct_window)} if normalisation == "ct" else {}
+    fp = fingerprint(job.files, {"normalisation": normalisation, **window, **job.settings})
     final = cache_dir / f"{job.name}-{fp}"
     if (final / "meta.json").exists():
         return load_entry(final)
     try:
-        return write_entry(job.read(), final, normalisation, fp)
+        return write_entry(job.read(), final, normalisation, fp, ct_window)
     except skip as err:
         return err
 
@@ -254,6 +286,7 @@ def build_cache(
     workers: int = 0,
     progress: Callable[[int, int], None] | None = None,
     skip: tuple[type[Exception], ...] = (),
+    ct_window: Sequence[float] = CT_WINDOW,
 ) -> list[CacheEntry | Exception]:
     """Cache every subject of ``jobs`` (reusing complete entries) and return their entries in order.
 
@@ -264,12 +297,13 @@ def build_cache(
         workers: processes for the subjects still to build (0: in this process).
         progress: called as ``progress(done, total)`` after each subject.
         skip: exception types that skip a subject instead of stopping: its place in the result holds the exception.
+        ct_window: the Hounsfield window of ``normalisation="ct"``.
     """
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"unknown normalisation {normalisation!r}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    args = [(job, cache_dir, normalisation, tuple(skip)) for job in jobs]
+    args = [(job, cache_dir, normalisation, tuple(skip), tuple(ct_window)) for job in jobs]
     entries: list[CacheEntry] = []
     if workers > 0 and len(jobs) > 1:
         with get_context("spawn").Pool(workers) as pool:

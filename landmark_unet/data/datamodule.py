@@ -18,7 +18,15 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from landmark_unet.data.cache import CacheEntry, CacheJob, build_cache, ensure_distance_maps
+from landmark_unet.data.cache import (
+    CT_WINDOW,
+    CacheEntry,
+    CacheJob,
+    build_cache,
+    ensure_distance_maps,
+    resolve_normalisation,
+)
+from landmark_unet.data.layouts import CHANNELS, LAYOUTS, Case, list_cases
 from landmark_unet.data.organs import ORGANS, organ_bit
 from landmark_unet.data.slices import (
     EvalShardSampler,
@@ -27,13 +35,13 @@ from landmark_unet.data.slices import (
     padded_size,
     slice_index,
 )
-from landmark_unet.data.sources import CHANNEL_FILES, list_folder_subjects, read_folder_subject
+from landmark_unet.data.sources import read_case
 from landmark_unet.data.splits import load_split, make_split, save_split
 from landmark_unet.errors import InputError, MissingLandmarksError
 from landmark_unet.models.fusion import FUSIONS
 
 log = logging.getLogger(__name__)
-SOURCES = ("phantom", "folder")
+SOURCES = ("phantom", *LAYOUTS)
 SAMPLINGS = ("organ_only", "oversample")
 MAP_KEYS = ("encoding", "units", "space", "combine", "pairs", "sigma_mm")
 LANDMARK_DEFAULTS = {"source": "file", "on_missing": "error", "encoding": "manhattan", "units": "voxel",
@@ -69,8 +77,17 @@ class SliceDataModule(pl.LightningDataModule):
     """2D slices of one dataset for one split round.
 
     Args:
-        source: ``phantom`` (generated on first use into the cache folder) or ``folder`` (DESIGN.md layout).
+        source: ``phantom`` (generated on first use into the cache folder, in the ``folder`` layout), ``folder``
+            (the study's layout), ``nnunet`` or ``totalseg`` (:mod:`landmark_unet.data.layouts`).
         root: dataset folder (``data.root``); for ``phantom`` it defaults to a folder in ``cache_dir``.
+        labels: organ -> label names of the dataset (nnunet: names in dataset.json; totalseg: structure names).
+        channel_names: nnunet: the channel (fat, water, single) of each file index ``_0000``, ``_0001``, ...
+        image_file: totalseg: the image of each case (``ct.nii.gz`` or ``mri.nii.gz``).
+        modality: ``mri`` or ``ct``: the ``auto`` normalisation and the hip detector of a single channel.
+        spacing: resample every case to this spacing (mm along canonical x, y, z) before caching; None keeps each
+            file's grid.
+        ct_window: Hounsfield window of the ``ct`` normalisation.
+        cases: use only the cases whose names match one of these fnmatch patterns.
         cache_dir: where the phantom and the preprocessed cache live.
         organs: organs to segment, one output channel each.
         channels: image channels, e.g. ``["fat", "water"]``.
@@ -79,7 +96,8 @@ class SliceDataModule(pl.LightningDataModule):
         batch_size: slices per training batch.
         eval_batch_size: slices per validation / test batch (default: ``batch_size``).
         num_workers: DataLoader worker processes.
-        normalisation: intensity normalisation of the cache (``percentile``, ``zscore``, ``none``).
+        normalisation: intensity normalisation of the cache: ``percentile``, ``zscore``, ``ct``, ``none``, or
+            ``auto`` (``zscore`` for an MRI, ``ct`` for a CT); the distance maps are never normalised.
         pad_multiple: slices are zero-padded so that H and W are divisible by this (16 for a 4-level U-Net).
         cache_workers: processes used to build the cache (0: in this process).
         splits_out: where to save the split (the run's splits.json); None to not save.
@@ -121,6 +139,13 @@ class SliceDataModule(pl.LightningDataModule):
         landmarks: dict | None = None,
         stack: int = 1,
         crop: int | None = None,
+        labels: dict | None = None,
+        channel_names: Sequence[str] | None = None,
+        image_file: str = "ct.nii.gz",
+        modality: str = "mri",
+        spacing: Sequence[float] | None = None,
+        ct_window: Sequence[float] = CT_WINDOW,
+        cases: Sequence[str] | None = None,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -129,8 +154,10 @@ class SliceDataModule(pl.LightningDataModule):
             if organ not in ORGANS:
                 raise InputError("organ", f"unknown organ {organ!r} (choose from {', '.join(ORGANS)}, all)")
         for channel in channels:
-            if channel not in CHANNEL_FILES:
-                raise InputError("content", f"unknown channel {channel!r} (choose from {', '.join(CHANNEL_FILES)})")
+            if channel not in CHANNELS:
+                raise InputError("content", f"unknown channel {channel!r} (choose from {', '.join(CHANNELS)})")
+        if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
+            raise InputError("data.spacing", f"must be three positive mm values [x, y, z], got {list(spacing)}")
         if sampling not in SAMPLINGS:
             raise InputError("data.sampling", f"unknown sampling {sampling!r} (choose from {', '.join(SAMPLINGS)})")
         if not 0 < foreground_fraction <= 1:
@@ -147,7 +174,14 @@ class SliceDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
-        self.normalisation = normalisation
+        self.normalisation = resolve_normalisation(normalisation, modality)
+        self.modality = modality
+        self.labels = {k: list(v) for k, v in (labels or {}).items()}
+        self.channel_names = list(channel_names) if channel_names else None
+        self.image_file = image_file
+        self.spacing = None if spacing is None else [float(v) for v in spacing]
+        self.ct_window = [float(v) for v in ct_window]
+        self.include = list(cases) if cases else None
         self.pad_multiple = pad_multiple
         self.cache_workers = cache_workers
         self.splits_out = splits_out
@@ -184,6 +218,18 @@ class SliceDataModule(pl.LightningDataModule):
             return phantom_root(self.cache_dir, self.phantom)
         raise InputError("data.root", "no dataset folder given (set data.root=DIR)")
 
+    def list_cases(self, root: Path) -> list[Case]:
+        """The cases of the dataset, with the label files of every organ the layout names (all five for the
+        study's layout, those in ``labels`` for the others)."""
+        layout = "folder" if self.source == "phantom" else self.source
+        organs = ORGANS if layout == "folder" or (layout == "totalseg" and not self.labels) else \
+            [o for o in ORGANS if o in self.labels]
+        missing = [o for o in self.organs if o not in organs]
+        if missing:
+            raise InputError(f"data.labels.{missing[0]}", f"no label name for {missing[0]} in this dataset's config")
+        return list_cases(layout, root, organs, labels=self.labels or None, channel_names=self.channel_names,
+                          image_file=self.image_file, include=self.include)
+
     def prepare_data(self) -> None:
         if self.source == "phantom" and self.root is None:
             ensure_phantom(self.dataset_root(), self.phantom)
@@ -193,34 +239,39 @@ class SliceDataModule(pl.LightningDataModule):
             return
         self.prepare_data()
         root = self.dataset_root()
-        subject_dirs = {p.name: p for p in list_folder_subjects(root)}
+        cases = {c.name: c for c in self.list_cases(root)}
         if self.split_cfg.get("file"):
             self.split = load_split(self.split_cfg["file"])
-            missing = sorted(set(sum((self.split[k] for k in ("train", "val", "test")), [])) - set(subject_dirs))
+            missing = sorted(set(sum((self.split[k] for k in ("train", "val", "test")), [])) - set(cases))
             if missing:
                 raise InputError(self.split_cfg["file"], f"names subjects not in {root}: {', '.join(missing[:5])}")
         else:
             params = {k: self.split_cfg[k] for k in ("rounds", "round", "val_fraction", "seed") if k in self.split_cfg}
-            self.split = make_split(list(subject_dirs), **params)
+            self.split = make_split(list(cases), **params)
         names = sorted(set(self.split["train"]) | set(self.split["val"]) | set(self.split["test"]))
-        read_channels = tuple(c for c in CHANNEL_FILES if (subject_dirs[names[0]] / CHANNEL_FILES[c]).exists())
+        first = cases[names[0]].images  # read every channel the dataset has, so that contents share a cache
+        read_channels = tuple(c for c in CHANNELS if c in first and first[c].exists())
         if not set(self.channels) <= set(read_channels):
-            raise InputError(subject_dirs[names[0]], f"lacks channel(s) {sorted(set(self.channels) - set(read_channels))}")
+            raise InputError(cases[names[0]].name, f"case lacks channel(s) {sorted(set(self.channels) - set(read_channels))} "
+                                                   f"(has {', '.join(read_channels)}; see content=)")
+        read_organs = tuple(o for o in ORGANS if o in cases[names[0]].labels)
         need_maps = self.fusion != "none"
         source = self.landmarks["source"] if need_maps else "optional"
         skip = (MissingLandmarksError,) if self.landmarks["on_missing"] == "skip" else ()
+        settings = {"spacing": self.spacing} if self.spacing else {}
         jobs = [
             CacheJob(
                 name=name,
-                files=_subject_files(subject_dirs[name], read_channels),
-                read=functools.partial(read_folder_subject, subject_dirs[name], read_channels, ORGANS, source),
-                settings={"landmarks": source} if source in ("detect", "auto") else {},
+                files=cases[name].files(),
+                read=functools.partial(read_case, cases[name], read_channels, read_organs, source, self.modality,
+                                       self.spacing),
+                settings=settings | ({"landmarks": source} if source in ("detect", "auto") else {}),
             )
             for name in names
         ]
         log.info("caching %d subjects in %s", len(jobs), self.cache_dir / "subjects")
         results = build_cache(jobs, self.cache_dir / "subjects", self.normalisation, workers=self.cache_workers,
-                              skip=skip)
+                              skip=skip, ct_window=self.ct_window)
         entries = {}
         for name, result in zip(names, results):
             if isinstance(result, Exception):
@@ -242,6 +293,11 @@ class SliceDataModule(pl.LightningDataModule):
         if self.splits_out:
             save_split(self.splits_out, self.split, root=str(root), skipped=self.skipped,
                        **{k: v for k, v in self.split_cfg.items() if k != "file"})
+        absent = [o for o in self.organs if not any(e.meta["organ_voxels"].get(o, 0) for e in entries.values())]
+        if absent and len(absent) == len(self.organs):
+            raise InputError("organ", f"{', '.join(absent)} is empty in every case of {root} (check data.labels)")
+        for organ in absent:  # multi-task: the other organs still train
+            log.warning("%s is empty in every case of %s: its output will learn only background", organ, root)
         self.subject_names = sorted(entries)
         self.entries = entries
         first = next(iter(entries.values()))
@@ -310,10 +366,3 @@ class SliceDataModule(pl.LightningDataModule):
             if len(ks):
                 return self.subject_id(name), int(ks[len(ks) // 2])
         return self.subject_id(names[0]), self.entries[names[0]].shape[2] // 2
-
-
-def _subject_files(subject_dir: Path, channels: Sequence[str]) -> tuple[str, ...]:
-    files = [subject_dir / CHANNEL_FILES[c] for c in channels]
-    files += [subject_dir / "masks" / f"{o}.nii.gz" for o in ORGANS]
-    files.append(subject_dir / "landmarks.txt")
-    return tuple(str(f) for f in files if f.exists())

@@ -1,10 +1,9 @@
-"""Readers from dataset layouts on disk to validated :class:`Subject` records.
+"""Readers from the files of a :class:`~landmark_unet.data.layouts.Case` to a validated :class:`Subject`.
 
-Only the study's folder layout is read here so far (DESIGN.md)::
-
-    <root>/<subject>/fat.nii.gz, water.nii.gz, masks/<organ>.nii.gz, landmarks.txt
-
-Every problem is raised as :class:`~landmark_unet.errors.InputError` naming the file and what is wrong.
+Every layout (the study's folders, nnU-Net, TotalSegmentator: :mod:`landmark_unet.data.layouts`) is read by the same
+:func:`read_case`: images, masks and landmarks are checked, brought to canonical RAS+ (:mod:`geometry`) and
+optionally resampled to a target spacing. Every problem is raised as :class:`~landmark_unet.errors.InputError`
+naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -17,17 +16,27 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from scipy import ndimage as ndi
 
+from landmark_unet.data import geometry
+from landmark_unet.data.layouts import FOLDER_CHANNEL_FILES, Case, LabelPart, folder_case, list_cases
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.data.subject import Subject
 from landmark_unet.errors import InputError, MissingLandmarksError
 from landmark_unet.landmarks.io import read_landmarks
 
 log = logging.getLogger(__name__)
-AFFINE_TOLERANCE_MM = 1e-3
 LANDMARK_SOURCES = ("file", "optional", "detect", "auto", "none")
-DETECT_MODALITY = {"fat": "mri-fat", "water": "mri-water"}
-CHANNEL_FILES = {"fat": "fat.nii.gz", "water": "water.nii.gz"}
+MODALITIES = ("mri", "ct")
+HEAD_SEARCH_MM = 60.0  # the femoral head lies within this distance below the top of a femur mask
+
+
+def detect_modality(channel: str, modality: str) -> str:
+    """The hip detector's modality for a channel: fat / water of a Dixon MRI, or the single channel of a CT or of
+    another MRI sequence (read like a fat image: T1-weighted marrow is bright)."""
+    if channel in ("fat", "water"):
+        return f"mri-{channel}"
+    return "ct" if modality == "ct" else "mri-fat"
 
 
 def as_volume(data: np.ndarray, where: object) -> np.ndarray:
@@ -71,141 +80,215 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
 def _check_same_grid(ref: nib.Nifti1Image, ref_path: Path, img: nib.Nifti1Image, path: Path) -> None:
     if img.shape != ref.shape:
         raise InputError(path, f"shape {img.shape} differs from {ref_path.name} {ref.shape}")
-    if not np.allclose(img.affine, ref.affine, atol=AFFINE_TOLERANCE_MM):
+    if not geometry.same_grid(img.shape, img.affine, ref.shape, ref.affine):
         raise InputError(path, f"affine differs from that of {ref_path.name}")
 
 
-def to_canonical(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
-    """Array and affine of ``img`` in the closest canonical (RAS+) orientation."""
-    canon = nib.as_closest_canonical(img)
-    return np.asanyarray(canon.dataobj), canon.affine
+class CaseImages:
+    """The image channels of a case in canonical orientation, with both grids.
+
+    Attributes:
+        channels: channel names, in the order of ``image``.
+        image: float32 (C, X, Y, Z) canonical.
+        affine: canonical (4, 4) affine.
+        source_affine, source_shape: the files' own grid.
+        ref: the first channel's image as read (the grid every other file must share), and its path.
+    """
+
+    def __init__(self, case: Case, channels: Sequence[str]):
+        missing = [c for c in channels if c not in case.images]
+        if missing:
+            raise InputError(case.name, f"case lacks channel(s) {', '.join(missing)} (has {', '.join(case.images)})")
+        arrays = []
+        self.channels = list(channels)
+        self.ref: nib.Nifti1Image | None = None
+        for channel in channels:
+            path = case.images[channel]
+            img = load_nifti(path)
+            if self.ref is None:
+                self.ref, self.ref_path = img, path
+            else:
+                _check_same_grid(self.ref, self.ref_path, img, path)
+            data, self.affine = geometry.to_canonical(img.dataobj, img.affine)
+            data = np.asarray(data, dtype=np.float32)
+            if not np.isfinite(data).all():
+                raise InputError(path, f"{int((~np.isfinite(data)).sum())} voxel(s) are NaN or Inf")
+            arrays.append(data)
+        assert self.ref is not None
+        self.image = np.stack(arrays)
+        self.source_affine = self.ref.affine
+        self.source_shape = tuple(int(s) for s in self.ref.shape)
+
+    def on_grid(self, path: Path) -> np.ndarray:
+        """A file that must share the image grid, as a canonical array (one clear line when it does not)."""
+        img = load_nifti(path)
+        _check_same_grid(self.ref, self.ref_path, img, path)
+        return np.asanyarray(geometry.to_canonical(img.dataobj, img.affine)[0])
 
 
-def file_to_canonical_voxels(points: np.ndarray, source_affine: np.ndarray, canonical_affine: np.ndarray) -> np.ndarray:
-    """Map (n, 3) voxel coordinates of the file grid to voxel coordinates of the canonical grid."""
-    homog = np.c_[points, np.ones(len(points))]
-    world = homog @ source_affine.T
-    return (world @ np.linalg.inv(canonical_affine).T)[:, :3]
+def _part_mask(images: CaseImages, part: LabelPart, loaded: dict) -> np.ndarray:
+    """Boolean canonical mask of one label part (a binary mask file, or some values of a label map)."""
+    if part.path not in loaded:
+        loaded[part.path] = images.on_grid(part.path)
+    data = loaded[part.path]
+    if part.values is None:
+        values = np.unique(data)
+        if not np.all(np.isin(values, (0, 1))):
+            shown = ", ".join(f"{v:g}" for v in values[:6])
+            raise InputError(part.path, f"mask is not binary (values {shown}{', ...' if len(values) > 6 else ''})")
+        return data.astype(bool)
+    if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
+        raise InputError(part.path, "label map holds non-integer values")
+    return np.isin(data, part.values)
 
 
-def read_folder_subject(
-    subject_dir: str | Path,
-    channels: Sequence[str] = ("fat", "water"),
-    organs: Sequence[str] = ORGANS,
-    landmarks: str = "file",
-) -> Subject:
-    """Read one subject of the folder layout.
+def femoral_head_centres(right: np.ndarray, left: np.ndarray, spacing: np.ndarray, where: object) -> np.ndarray:
+    """(2, 3) canonical voxel centres of the right and left femoral heads from femur masks (X, Y, Z).
 
-    Args:
-        subject_dir: ``<root>/<subject>``.
-        channels: which of ``fat``, ``water`` to read, in channel order.
-        organs: which masks to read (``masks/<organ>.nii.gz``).
-        landmarks: where the landmarks come from: ``file`` (``landmarks.txt``, required), ``optional`` (the file
-            when present, else none), ``detect`` (the automatic hip-joint detector on the first channel), ``auto``
-            (the file when present, else detection; logged per subject), ``none``.
-
-    Returns:
-        A validated :class:`Subject` in canonical RAS orientation.
+    The head is the thickest part of the top of the femur: the centre is the deepest voxel (largest distance to
+    the mask's surface, in mm) within :data:`HEAD_SEARCH_MM` below the mask's most superior voxel.
 
     Raises:
-        InputError: a file is missing or unreadable, channels and masks differ in shape or affine, an image holds
-            NaN or Inf, a mask holds values other than 0 and 1, or a landmark is malformed or outside the volume.
+        MissingLandmarksError: a femur mask is empty.
     """
-    subject_dir = Path(subject_dir)
-    if not subject_dir.is_dir():
-        raise InputError(subject_dir, "subject folder is missing")
-    ref_path: Path | None = None
-    ref: nib.Nifti1Image | None = None
-    arrays, files = [], []
-    canon_affine = None
-    for channel in channels:
-        if channel not in CHANNEL_FILES:
-            raise InputError("content", f"unknown channel {channel!r} (choose from {', '.join(CHANNEL_FILES)})")
-        path = subject_dir / CHANNEL_FILES[channel]
-        img = load_nifti(path)
-        if ref is None:
-            ref, ref_path = img, path
-        else:
-            _check_same_grid(ref, ref_path, img, path)
-        data, canon_affine = to_canonical(img)
-        data = np.asarray(data, dtype=np.float32)
-        if not np.isfinite(data).all():
-            bad = int((~np.isfinite(data)).sum())
-            raise InputError(path, f"{bad} voxel(s) are NaN or Inf")
-        arrays.append(data)
-        files.append(str(path))
-    assert ref is not None and ref_path is not None and canon_affine is not None
-    masks = []
+    centres = []
+    for side, mask in (("right", right), ("left", left)):
+        mask = mask.astype(bool)
+        if not mask.any():
+            raise MissingLandmarksError(where, f"femur_{side} mask is empty: no hip landmark")
+        zs = np.flatnonzero(mask.any(axis=(0, 1)))
+        lo = max(int(zs[-1] - np.ceil(HEAD_SEARCH_MM / spacing[2])), 0)
+        box = [slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(mask[:, :, lo:])]
+        box[2] = slice(lo + box[2].start, lo + box[2].stop)
+        depth = ndi.distance_transform_edt(np.pad(mask[tuple(box)], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+        centres.append(np.array(np.unravel_index(np.argmax(depth), depth.shape)) + [b.start for b in box])
+    return np.asarray(centres, dtype=np.float64)
+
+
+def resample_subject(subject: Subject, target: Sequence[float]) -> Subject:
+    """``subject`` on a grid of ``target`` spacing (mm along canonical x, y, z) over the same field of view.
+
+    Images are interpolated trilinearly; each mask is interpolated as a fraction and cut at 0.5; landmarks move
+    with the grid. The file grid (``source_affine``, ``source_shape``) is kept.
+    """
+    target = np.asarray(target, dtype=np.float64)
+    shape = geometry.target_shape(subject.shape, subject.spacing, target)
+    image = geometry.resample_to(subject.image, subject.spacing, target, shape)
+    masks = (geometry.resample_to(subject.masks.astype(np.float32), subject.spacing, target, shape) > 0.5)
+    landmarks = None if subject.landmarks is None else geometry.resample_points(subject.landmarks, subject.spacing,
+                                                                                target)
+    return Subject(name=subject.name, image=image.astype(np.float32), channels=subject.channels,
+                   masks=masks.astype(np.uint8), organs=subject.organs, spacing=target,
+                   affine=geometry.resampled_affine(subject.affine, subject.spacing, target), landmarks=landmarks,
+                   source_affine=subject.source_affine, source_shape=subject.source_shape, files=subject.files)
+
+
+def case_landmarks(case: Case, images: CaseImages, source: str, modality: str = "mri") -> np.ndarray | None:
+    """(n, 3) canonical voxel landmarks of a case, or None.
+
+    ``source``: ``file`` (landmarks.txt, else the femoral heads of femur masks; one of them required),
+    ``optional`` (those when present, else none), ``detect`` (the hip detector on the first channel), ``auto``
+    (file or femurs when present, else detection; logged), ``none``.
+    """
+    if source not in LANDMARK_SOURCES:
+        raise InputError("landmarks.source", f"unknown source {source!r} (choose from file, detect, auto)")
+    if source == "none":
+        return None
+    if source != "detect":
+        if case.landmarks is not None and case.landmarks.exists():
+            points = read_landmarks(case.landmarks, shape=images.source_shape)
+            return geometry.file_to_canonical_voxels(points, images.source_affine, images.affine)
+        if case.femurs is not None:
+            right, left = (images.on_grid(p) for p in case.femurs)
+            return femoral_head_centres(right, left, geometry.spacing_of(images.affine), case.femurs[0].parent)
+        if source == "file":
+            raise MissingLandmarksError(case.landmarks or case.name,
+                                        "landmarks file is missing (landmarks.source=auto detects the hips)")
+        if source == "optional":
+            return None
+    from landmark_unet.landmarks.detect import detect_hips
+
+    channel = images.channels[0]
+    first = case.images[channel]
+    try:
+        found = detect_hips(np.asanyarray(images.ref.dataobj), images.source_affine,
+                            modality=detect_modality(channel, modality), source=str(first))
+    except MissingLandmarksError:
+        raise
+    except InputError as err:
+        raise MissingLandmarksError(err.where, err.problem) from None
+    log.info("%s: hip joints detected (confidence %.2f)%s", case.name, found.confidence,
+             " because it has no landmarks file" if source == "auto" else "")
+    return geometry.file_to_canonical_voxels(found.voxels, images.source_affine, images.affine)
+
+
+def read_case(
+    case: Case,
+    channels: Sequence[str],
+    organs: Sequence[str] = ORGANS,
+    landmarks: str = "file",
+    modality: str = "mri",
+    spacing: Sequence[float] | None = None,
+) -> Subject:
+    """Read one case into a validated :class:`Subject` in canonical RAS orientation.
+
+    Args:
+        case: its files (:func:`~landmark_unet.data.layouts.list_cases`).
+        channels: image channels to read, in channel order.
+        organs: organs whose masks to read (each the union of its label parts).
+        landmarks: see :func:`case_landmarks`.
+        modality: ``mri`` or ``ct`` (for the hip detector on a single channel).
+        spacing: resample to this spacing (mm along canonical x, y, z); None keeps the file's grid.
+
+    Raises:
+        InputError: a file is missing or unreadable, images and labels differ in shape or affine, an image holds
+            NaN or Inf, a mask holds values other than 0 and 1, a label map non-integer values, or a landmark is
+            malformed or outside the volume.
+    """
     for organ in organs:
         if organ not in ORGANS:
             raise InputError("organ", f"unknown organ {organ!r} (choose from {', '.join(ORGANS)})")
-        path = subject_dir / "masks" / f"{organ}.nii.gz"
-        img = load_nifti(path)
-        _check_same_grid(ref, ref_path, img, path)
-        data, _ = to_canonical(img)
-        values = np.unique(np.asarray(data))
-        if not np.all(np.isin(values, (0, 1))):
-            shown = ", ".join(f"{v:g}" for v in values[:6])
-            raise InputError(path, f"mask is not binary (values {shown}{', ...' if len(values) > 6 else ''})")
-        masks.append(np.asarray(data, dtype=np.uint8))
-        files.append(str(path))
-    if landmarks not in LANDMARK_SOURCES:
-        raise InputError("landmarks.source", f"unknown source {landmarks!r} (choose from file, detect, auto)")
-    lm_path = subject_dir / "landmarks.txt"
-    use_file = landmarks == "file" or (landmarks in ("optional", "auto") and lm_path.exists())
-    file_points = None
-    if landmarks == "file" and not lm_path.exists():
-        raise MissingLandmarksError(lm_path, "landmarks file is missing (landmarks.source=auto detects the hips)")
-    if use_file:
-        file_points = read_landmarks(lm_path, shape=ref.shape)
-        files.append(str(lm_path))
-    elif landmarks in ("detect", "auto"):
-        from landmark_unet.landmarks.detect import detect_hips
-
-        first = subject_dir / CHANNEL_FILES[channels[0]]
-        try:
-            found = detect_hips(np.asanyarray(load_nifti(first).dataobj), ref.affine,
-                                modality=DETECT_MODALITY[channels[0]], source=str(first))
-        except MissingLandmarksError:
-            raise
-        except InputError as err:
-            raise MissingLandmarksError(err.where, err.problem) from None
-        file_points = found.voxels
-        log.info("%s: hip joints detected (confidence %.2f)%s", subject_dir.name, found.confidence,
-                 " because landmarks.txt is absent" if landmarks == "auto" else "")
-    points = None if file_points is None else file_to_canonical_voxels(file_points, ref.affine, canon_affine)
-    spacing = np.sqrt((canon_affine[:3, :3] ** 2).sum(axis=0))
-    return Subject(
-        name=subject_dir.name,
-        image=np.stack(arrays),
+    images = CaseImages(case, channels)
+    loaded: dict = {}
+    masks = []
+    for organ in organs:
+        parts = case.labels.get(organ, ())
+        mask = np.zeros(images.image.shape[1:], bool)
+        for part in parts:
+            mask |= _part_mask(images, part, loaded)
+        masks.append(mask.astype(np.uint8))
+    points = case_landmarks(case, images, landmarks, modality)
+    files = list(case.files())
+    subject = Subject(
+        name=case.name,
+        image=images.image,
         channels=tuple(channels),
-        masks=np.stack(masks) if masks else np.zeros((0, *arrays[0].shape), np.uint8),
+        masks=np.stack(masks) if masks else np.zeros((0, *images.image.shape[1:]), np.uint8),
         organs=tuple(organs),
-        spacing=spacing,
-        affine=canon_affine,
+        spacing=geometry.spacing_of(images.affine),
+        affine=images.affine,
         landmarks=points,
-        source_affine=ref.affine,
-        source_shape=tuple(int(s) for s in ref.shape),
+        source_affine=images.source_affine,
+        source_shape=images.source_shape,
         files=files,
     )
+    return subject if spacing is None else resample_subject(subject, spacing)
+
+
+# -- the study's folder layout, by folder --------------------------------------------------------------------------
+def read_folder_subject(subject_dir: str | Path, channels: Sequence[str] = ("fat", "water"),
+                        organs: Sequence[str] = ORGANS, landmarks: str = "file") -> Subject:
+    """Read one subject folder of the study's layout (see :func:`read_case`)."""
+    subject_dir = Path(subject_dir)
+    if not subject_dir.is_dir():
+        raise InputError(subject_dir, "subject folder is missing")
+    for channel in channels:
+        if channel not in FOLDER_CHANNEL_FILES:
+            raise InputError("content", f"unknown channel {channel!r} for the folder layout "
+                                        f"(choose from {', '.join(FOLDER_CHANNEL_FILES)})")
+    return read_case(folder_case(subject_dir, organs), channels, organs, landmarks)
 
 
 def list_folder_subjects(root: str | Path) -> list[Path]:
-    """Subject folders of a dataset root in the folder layout, sorted by name.
-
-    A subject folder is any sub-folder holding a ``fat.nii.gz`` or ``water.nii.gz``; hidden folders (temporary
-    output of an interrupted writer) are skipped.
-
-    Raises:
-        InputError: the root is missing or holds no subject.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(root, "data folder is missing (set data.root=DIR)")
-    subjects = sorted(
-        p for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and any((p / f).exists() for f in CHANNEL_FILES.values())
-    )
-    if not subjects:
-        raise InputError(root, "data folder holds no subject (expected <subject>/fat.nii.gz, water.nii.gz, masks/)")
-    return subjects
+    """Subject folders of a dataset root in the study's layout, sorted by name (hidden folders skipped)."""
+    return [Path(root) / c.name for c in list_cases("folder", root, ())]
