@@ -12,35 +12,13 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from landmark_unet.checkpoint import load_run_config, load_weights
 from landmark_unet.config import quiet_third_party, resolve_precision
 from landmark_unet.errors import InputError, exit_on_input_error
 from landmark_unet.runinfo import run_overrides, saved_overrides, summary_lines, write_metrics
-
-
-def load_run_config(ckpt: Path) -> tuple[DictConfig, Path]:
-    """The training config of the run that wrote ``ckpt`` (``<run>/checkpoints/<name>.ckpt``)."""
-    run_dir = ckpt.resolve().parent.parent
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise InputError(ckpt, f"no run config beside the checkpoint (expected {path})")
-    return OmegaConf.load(path), run_dir
-
-
-def load_weights(model: pl.LightningModule, ckpt: Path) -> None:
-    """Load the state dict of a Lightning checkpoint without executing code from it (``weights_only``)."""
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is bad input
-        raise InputError(ckpt, f"cannot read checkpoint ({err.__class__.__name__})") from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise InputError(ckpt, "not a Lightning checkpoint (no state_dict)")
-    missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
-    if missing or unexpected:
-        raise InputError(ckpt, f"does not fit the model of its run ({len(missing)} missing, {len(unexpected)} unexpected keys)")
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -48,8 +26,6 @@ def evaluate(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt"):
         raise InputError("ckpt", "required: ckpt=PATH to a checkpoint written by landmark_unet.train")
     ckpt = Path(cfg.ckpt)
-    if not ckpt.is_file():
-        raise InputError(ckpt, "checkpoint file is missing")
     run_cfg, run_dir = load_run_config(ckpt)
     split_file = Path(cfg.split_file) if cfg.get("split_file") else run_dir / "splits.json"
     run_cfg.data.split.file = str(split_file)

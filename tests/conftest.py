@@ -51,6 +51,14 @@ def compose_train(overrides: list[str], tmp_path: Path):
         return compose(config_name="train", overrides=base + overrides)
 
 
+def save_run_config(cfg, run_dir: Path) -> None:
+    """Write ``<run>/.hydra/config.yaml`` as a Hydra run would (evaluate and predict read it beside a checkpoint)."""
+    from omegaconf import OmegaConf
+
+    (Path(run_dir) / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, Path(run_dir) / ".hydra" / "config.yaml", resolve=False)
+
+
 os.environ.setdefault("LANDMARK_UNET_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "landmark_unet_test_cache"))
 
 

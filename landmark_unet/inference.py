@@ -1,0 +1,110 @@
+"""Whole-volume inference: every axial slice (or depth-5 stack) of one body through a trained network.
+
+Inputs are laid out like the cache (:mod:`landmark_unet.data.cache`): the image (Z, C, X, Y), normalised, and the
+landmark distance maps (Z', L, X, Y) with Z' = Z, or 1 for in-plane maps. Slices are zero-padded at the high end of
+x and y (as in training and evaluation), run in batches on one device, and the sigmoid probabilities cropped back.
+The output is (K, X, Y, Z): one probability map per organ on the canonical grid of the input.
+
+Test-time augmentation (``tta=True``) averages the probabilities over flips that keep the patient's left and right
+apart: the anterior-posterior axis (y) and, for depth-5 stacks, the order of the slices (z). A left-right mirror
+would turn the right kidney into a left one and put the liver where the spleen belongs, so it is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+# flips of a (B, C, [D,] H, W) batch: H is x (left-right, never flipped), W is y (anterior-posterior), D is z
+TTA_2D = ((), (-1,))
+TTA_STACK = ((), (-1,), (2,), (2, -1))
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for Lightning's precision names: bf16 for ``bf16*``, fp16 for ``16*`` on a GPU, else nothing."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision.startswith("16") and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _padded(n: int, multiple: int, at_least: int = 0) -> int:
+    return max(-(-n // multiple) * multiple, at_least)
+
+
+@torch.no_grad()
+def predict_volume(
+    model: nn.Module,
+    image: np.ndarray,
+    distance: np.ndarray | None = None,
+    stack: int = 1,
+    batch_size: int = 16,
+    size: tuple[int, int] | None = None,
+    pad_multiple: int = 16,
+    tta: bool = False,
+    device: str | torch.device = "cpu",
+    precision: str = "32-true",
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Probabilities (K, X, Y, Z) float32 of every organ the model predicts, for one body.
+
+    Args:
+        model: maps ``(image (B, C, H, W) or (B, C, D, H, W)[, distance])`` to logits (B, K, H, W); in eval mode.
+        image: (Z, C, X, Y) normalised channels (the cache's ``image.npy``).
+        distance: (Z', L, X, Y) landmark maps, Z' = Z or 1, or None for a model without fusion.
+        stack: 1 (2D slices) or the depth of a stack (5: slices k-2 .. k+2, the edge repeated).
+        batch_size: slices per forward pass.
+        size: padded in-plane (H, W) at least (training's size keeps predictions identical to evaluation's);
+            default: (X, Y) rounded up to ``pad_multiple``.
+        pad_multiple: H and W are divisible by this (16 for a 4-level U-Net).
+        tta: average over the flips of :data:`TTA_2D` / :data:`TTA_STACK`.
+        device: where the network runs.
+        precision: Lightning precision name (``32-true``, ``bf16-mixed``, ``16-mixed``).
+        progress: called with the number of slices done after each batch.
+    """
+    device = torch.device(device)
+    z, c, x, y = image.shape
+    h = _padded(x, pad_multiple, size[0] if size else 0)
+    w = _padded(y, pad_multiple, size[1] if size else 0)
+    vol = torch.zeros((z, c, h, w), dtype=torch.float32, device=device)
+    vol[:, :, :x, :y] = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)
+    maps = None
+    if distance is not None:
+        maps = torch.zeros((distance.shape[0], distance.shape[1], h, w), dtype=torch.float32, device=device)
+        maps[:, :, :x, :y] = torch.as_tensor(np.asarray(distance, dtype=np.float32), device=device)
+    flips = (TTA_STACK if stack > 1 else TTA_2D) if tta else ((),)
+    half = stack // 2
+    out = None
+    for start in range(0, z, batch_size):
+        ks = torch.arange(start, min(start + batch_size, z), device=device)
+        if stack == 1:
+            batch = vol[ks]
+            dist = None if maps is None else maps[ks if maps.shape[0] > 1 else torch.zeros_like(ks)]
+        else:
+            idx = (ks[:, None] + torch.arange(-half, half + 1, device=device)).clamp(0, z - 1)  # (B, D)
+            batch = vol[idx].permute(0, 2, 1, 3, 4)  # (B, C, D, H, W)
+            dist = None if maps is None else maps[idx if maps.shape[0] > 1 else torch.zeros_like(idx)].permute(
+                0, 2, 1, 3, 4)
+        prob = 0
+        for dims in flips:
+            xin = batch.flip(dims) if dims else batch
+            din = None if dist is None else (dist.flip(dims) if dims else dist)
+            with autocast(device, precision):
+                logits = model(xin) if din is None else model(xin, din)
+            p = torch.sigmoid(logits.float())
+            out_dims = tuple(d for d in dims if d == -1)  # the output is one slice: only the y flip to undo
+            prob = prob + (p.flip(out_dims) if out_dims else p)
+        prob = (prob / len(flips))[:, :, :x, :y]  # (B, K, X, Y)
+        if out is None:
+            out = torch.empty((prob.shape[1], x, y, z), dtype=torch.float32, device="cpu")
+        out[..., start:start + len(ks)] = prob.permute(1, 2, 3, 0).cpu()
+        if progress is not None:
+            progress(len(ks))
+    assert out is not None
+    return out.numpy()

@@ -1,0 +1,172 @@
+"""Predict organ masks for new images: ``python -m landmark_unet.predict ckpt=PATH input=IMAGE_OR_DIR output=DIR``.
+
+The model, its channels, normalisation, spacing and landmark maps come from the checkpoint's run
+(``RUN/.hydra/config.yaml``), so an image goes through exactly the preprocessing the model was trained with. Each
+case is read in its own orientation, brought to canonical RAS+ (and to the run's ``data.spacing`` if it set one),
+predicted slice by slice (or stack by stack) in batches, and the probabilities brought back to the input's grid:
+same shape, same affine, same orientation, voxel for voxel. A fused model gets its landmarks from the case's
+landmarks.txt (or ``landmarks=FILE``), else TotalSegmentator femur masks, else the hip detector.
+
+Writes ``<case>_<organ>.nii.gz`` (uint8 0/1) per organ, or with ``labelmap=true`` one ``<case>.nii.gz`` (1 liver,
+2 kidneys, 3 pancreas, 4 spleen, 5 bladder; where organs overlap, the most probable wins), and with
+``probabilities=true`` ``<case>_<organ>_prob.nii.gz`` (float32). Every file is written under a temporary name and
+renamed into place: an interrupted run leaves only complete files.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from landmark_unet.checkpoint import load_run_config, load_weights
+from landmark_unet.config import quiet_third_party, resolve_precision
+from landmark_unet.data import geometry
+from landmark_unet.data.cache import CT_WINDOW, normalise_image, resolve_normalisation
+from landmark_unet.data.layouts import Case, input_cases
+from landmark_unet.data.nifti import save_nifti
+from landmark_unet.data.organs import ORGANS
+from landmark_unet.data.sources import CaseImages, case_landmarks
+from landmark_unet.errors import InputError, exit_on_input_error
+from landmark_unet.inference import predict_volume
+from landmark_unet.landmarks.distance import subject_maps
+
+log = logging.getLogger(__name__)
+MAP_KEYS = ("encoding", "units", "space", "combine", "pairs", "sigma_mm")
+
+
+@dataclass
+class Predictor:
+    """A trained model with the preprocessing of its run.
+
+    Attributes:
+        model: the LightningModule, in eval mode on ``device``.
+        organs: organ of each output channel.
+        channels: image channels the model reads.
+        run: the run's data settings (``normalisation``, ``modality``, ``spacing``, ``stack``, ``fusion``, ...).
+    """
+
+    model: torch.nn.Module
+    organs: list[str]
+    channels: list[str]
+    run: dict
+    device: torch.device
+    precision: str
+    threshold: float
+    batch_size: int = 16
+    tta: bool = False
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Path, accelerator: str = "auto", precision: str = "auto",
+                        threshold: float | None = None, batch_size: int = 16, tta: bool = False) -> Predictor:
+        run_cfg, _ = load_run_config(ckpt)
+        model = instantiate(run_cfg.model)
+        load_weights(model, ckpt)
+        data = OmegaConf.to_container(run_cfg.data, resolve=True)
+        cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+        device = torch.device("cuda" if cuda else "cpu")
+        precision = str(resolve_precision(precision)) if device.type == "cuda" or precision != "auto" else "32-true"
+        return cls(model=model.eval().to(device), organs=list(data["organs"]), channels=list(data["channels"]),
+                   run=data, device=device, precision=precision,
+                   threshold=float(threshold if threshold is not None else run_cfg.model.get("threshold", 0.5)),
+                   batch_size=batch_size, tta=tta)
+
+    @property
+    def fused(self) -> bool:
+        return self.run.get("fusion", "none") != "none"
+
+    def probabilities(self, case: Case, progress=None) -> tuple[np.ndarray, CaseImages]:
+        """Probabilities (K, *file shape) of one case on the grid of its first image file, and its images."""
+        run = self.run
+        images = CaseImages(case, self.channels)
+        modality = run.get("modality", "mri")
+        points = case_landmarks(case, images, "auto", modality) if self.fused else None
+        image, spacing = images.image, geometry.spacing_of(images.affine)
+        canonical_shape = image.shape[1:]
+        target = run.get("spacing")
+        if target:
+            shape = geometry.target_shape(canonical_shape, spacing, target)
+            image = geometry.resample_to(image, spacing, target, shape)
+            points = None if points is None else geometry.resample_points(points, spacing, target)
+            spacing = np.asarray(target, dtype=np.float64)
+        method = resolve_normalisation(run.get("normalisation", "percentile"), modality)
+        normalised, _ = normalise_image(image, method, run.get("ct_window", CT_WINDOW))
+        distance = None
+        if self.fused:
+            settings = {k: run["landmarks"][k] for k in MAP_KEYS if k in run.get("landmarks", {})}
+            distance = subject_maps(points, normalised.shape[1:], spacing, **settings)
+        prob = predict_volume(self.model, normalised.transpose(3, 0, 1, 2), distance, stack=int(run.get("stack", 1)),
+                              pad_multiple=int(run.get("pad_multiple", 16)), device=self.device,
+                              precision=self.precision, progress=progress, batch_size=self.batch_size, tta=self.tta)
+        if target:
+            prob = np.clip(geometry.resample_to(prob, target, geometry.spacing_of(images.affine), canonical_shape), 0, 1)
+        prob = geometry.from_canonical(prob, images.source_affine)
+        assert prob.shape[1:] == images.source_shape
+        return prob, images
+
+
+def outputs_of(case: str, prob: np.ndarray, organs: list[str], threshold: float, labelmap: bool,
+               probabilities: bool) -> dict[str, np.ndarray]:
+    """File name -> array of one case's predictions (see the module docstring)."""
+    files: dict[str, np.ndarray] = {}
+    masks = prob > threshold
+    if labelmap:
+        label = np.zeros(prob.shape[1:], np.uint8)
+        best = np.argmax(np.where(masks, prob, -1.0), axis=0)
+        for k, organ in enumerate(organs):
+            label[(best == k) & masks[k]] = ORGANS.index(organ) + 1
+        files[f"{case}.nii.gz"] = label
+    else:
+        files.update({f"{case}_{organ}.nii.gz": masks[k].astype(np.uint8) for k, organ in enumerate(organs)})
+    if probabilities:
+        files.update({f"{case}_{organ}_prob.nii.gz": prob[k].astype(np.float32) for k, organ in enumerate(organs)})
+    return files
+
+
+def predict(cfg: DictConfig) -> list[Path]:
+    """Predict every case of ``cfg.input`` into ``cfg.output``; returns the files written."""
+    for key in ("ckpt", "input", "output"):
+        if not cfg.get(key):
+            raise InputError(key, f"required: {key}=PATH")
+    predictor = Predictor.from_checkpoint(Path(cfg.ckpt), cfg.accelerator, cfg.precision, cfg.get("threshold"),
+                                          batch_size=int(cfg.batch_size), tta=bool(cfg.tta))
+    channel_names = list(cfg.get("channel_names") or predictor.run.get("channel_names") or predictor.channels)
+    cases = input_cases(cfg.input, channel_names, predictor.run.get("image_file", "ct.nii.gz"))
+    if cfg.get("landmarks"):
+        if len(cases) != 1:
+            raise InputError("landmarks", f"one landmarks file for {len(cases)} cases: give it with a single image")
+        cases = [Case(cases[0].name, cases[0].images, landmarks=Path(cfg.landmarks))]
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "output exists and is not a folder")
+    written = []
+    for case in cases:
+        with tqdm(desc=case.name, unit="slice", disable=not cfg.progress, leave=False) as bar:
+            prob, images = predictor.probabilities(case, progress=bar.update)
+        for name, array in outputs_of(case.name, prob, predictor.organs, predictor.threshold, bool(cfg.labelmap),
+                                      bool(cfg.probabilities)).items():
+            save_nifti(out / name, array, images.source_affine)
+            written.append(out / name)
+        voxel_ml = float(abs(np.linalg.det(images.source_affine[:3, :3]))) / 1000.0
+        volumes = ", ".join(f"{o} {float((prob[k] > predictor.threshold).sum()) * voxel_ml:.1f} ml"
+                            for k, o in enumerate(predictor.organs))
+        print(f"{case.name}: {volumes}", flush=True)
+    return written
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    quiet_third_party()
+    with exit_on_input_error():
+        predict(cfg)
+
+
+if __name__ == "__main__":
+    main()
