@@ -1,30 +1,68 @@
-"""Re-score a checkpoint: ``python -m landmark_unet.evaluate ckpt=RUN/checkpoints/best.ckpt [split_file=...]``.
+"""Score a checkpoint on a split, or a folder of predictions against references.
 
-The model and data settings come from the checkpoint's run (``RUN/.hydra/config.yaml``); the bodies scored are the
-test split of that run (``RUN/splits.json``) unless ``split_file`` names another. Writes metrics.json in the same
-format as training into this command's run directory.
+``python -m landmark_unet.evaluate ckpt=RUN/checkpoints/best.ckpt [split_file=...]``: the model and data settings
+come from the checkpoint's run (``RUN/.hydra/config.yaml``); the bodies scored are the test split of that run
+(``RUN/splits.json``) unless ``split_file`` names another. Writes metrics.json (per-body Dice, as training does)
+and, from whole-volume inference of the same bodies on the cached grid, summary.json and scores.csv with Dice,
+HD95, normalised surface Dice and volume differences (:mod:`landmark_unet.scoring`).
+
+``python -m landmark_unet.evaluate predictions=DIR references=DIR [data=LAYOUT]``: predictions named
+``<case>_<organ>.nii.gz`` (as predict writes them) against the reference masks of a dataset root in any layout
+(``data=folder`` default, ``data=nnunet`` / ``totalseg`` or a ready config such as ``data=amos22_mri``), on the
+files' own grids. Writes summary.json and scores.csv. Bodies without a prediction are listed in the summary.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from landmark_unet.checkpoint import load_run_config, load_weights
 from landmark_unet.config import quiet_third_party, resolve_precision
+from landmark_unet.data import geometry
+from landmark_unet.data.layouts import list_cases
+from landmark_unet.data.organs import ORGANS, organ_bit
+from landmark_unet.data.sources import load_nifti, reference_mask
 from landmark_unet.errors import InputError, exit_on_input_error
+from landmark_unet.inference import predict_volume
 from landmark_unet.runinfo import run_overrides, saved_overrides, summary_lines, write_metrics
+from landmark_unet.scoring import score_masks, summary_table, write_summary
+
+warnings.filterwarnings("ignore", message=r".*always_return_as_numpy.*")  # MONAI's own deprecation, not ours
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def score_split(model: torch.nn.Module, datamodule, part: str, tolerance_mm: float, device: torch.device,
+                precision: str, progress: bool = True) -> list[dict]:
+    """Whole-volume inference of every body of ``part`` on its cached (canonical, possibly resampled) grid, scored
+    against the cached reference masks."""
+    rows = []
+    model = model.eval().to(device)
+    for name in tqdm(datamodule.split[part], desc="scoring", unit="body", disable=not progress, leave=False):
+        entry = datamodule.entries[name]
+        image = np.asarray(entry.image_volume()[:, datamodule.channel_index])
+        distance = entry.distance_volume(datamodule.distance_key) if datamodule.fusion != "none" else None
+        prob = predict_volume(model, image, distance, stack=datamodule.stack, batch_size=datamodule.eval_batch_size,
+                              size=datamodule.size, pad_multiple=datamodule.pad_multiple, device=device,
+                              precision=precision)
+        labels = np.asarray(entry.label_volume()).transpose(1, 2, 0)  # (X, Y, Z)
+        for k, organ in enumerate(datamodule.organs):
+            ref = (labels & organ_bit(organ)) > 0
+            rows.append({"case": name, "organ": organ,
+                         **score_masks(prob[k] > model.threshold, ref, entry.meta["spacing"], tolerance_mm)})
+    return rows
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict:
     t0 = time.perf_counter()
-    if not cfg.get("ckpt"):
-        raise InputError("ckpt", "required: ckpt=PATH to a checkpoint written by landmark_unet.train")
     ckpt = Path(cfg.ckpt)
     run_cfg, run_dir = load_run_config(ckpt)
     split_file = Path(cfg.split_file) if cfg.get("split_file") else run_dir / "splits.json"
@@ -34,17 +72,77 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     model = instantiate(run_cfg.model)
     load_weights(model, ckpt)
-    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, precision=resolve_precision(cfg.precision),
-                         logger=False, enable_checkpointing=False, enable_progress_bar=True)
+    precision = resolve_precision(cfg.precision)
+    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, precision=precision,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=bool(cfg.progress))
     trainer.test(model, datamodule=datamodule, verbose=False)
     out = Path(cfg.output_dir)
     metrics = write_metrics(out / "metrics.json", model=model, datamodule=datamodule, extra={
         "checkpoint": str(ckpt), "split_file": str(split_file), "wall_seconds": time.perf_counter() - t0,
         "overrides": run_overrides(), "train_overrides": saved_overrides(run_dir),
     })
-    for line in summary_lines(metrics):
+    rows = score_split(model, datamodule, "test", float(cfg.tolerance_mm), trainer.strategy.root_device,
+                       str(precision), bool(cfg.progress))
+    summary = write_summary(out, rows, {"checkpoint": str(ckpt), "split_file": str(split_file),
+                                        "tolerance_mm": float(cfg.tolerance_mm), "grid": "cache"})
+    for line in summary_lines(metrics) + summary_table(summary):
         print(line, flush=True)
     return metrics
+
+
+def evaluate_folder(cfg: DictConfig) -> dict:
+    predictions, references = Path(cfg.predictions), Path(cfg.references)
+    if not predictions.is_dir():
+        raise InputError(predictions, "predictions folder is missing")
+    data = cfg.data
+    layout = "folder" if data.source == "phantom" else data.source
+    labels = OmegaConf.to_container(data.labels) if data.get("labels") else None
+    organs = list(ORGANS) if layout == "folder" or not labels else [o for o in ORGANS if o in labels]
+    cases = list_cases(layout, references, organs, labels=labels, channel_names=data.get("channel_names"),
+                       image_file=data.get("image_file", "ct.nii.gz"), include=data.get("cases"))
+    rows, missing = [], []
+    for case in tqdm(cases, desc="scoring", unit="body", disable=not cfg.progress, leave=False):
+        found = False
+        for organ in organs:
+            path = predictions / f"{case.name}_{organ}.nii.gz"
+            if not path.exists():
+                continue
+            found = True
+            ref, affine, ref_path = reference_mask(case, organ)
+            img = load_nifti(path)
+            if not geometry.same_grid(img.shape, img.affine, ref.shape, affine):
+                raise InputError(path, f"is not on the grid of its reference {ref_path} "
+                                       f"(shape {img.shape} vs {ref.shape}, or another affine)")
+            pred = np.asanyarray(img.dataobj)
+            if not np.all(np.isin(np.unique(pred), (0, 1))):
+                raise InputError(path, "prediction is not a binary mask (values other than 0 and 1)")
+            rows.append({"case": case.name, "organ": organ,
+                         **score_masks(pred > 0, ref, geometry.spacing_of(affine), float(cfg.tolerance_mm))})
+        if not found:
+            missing.append(case.name)
+    if not rows:
+        raise InputError(predictions, f"holds no prediction <case>_<organ>.nii.gz for the cases of {references}")
+    summary = write_summary(Path(cfg.output_dir), rows, {
+        "predictions": str(predictions), "references": str(references), "layout": layout,
+        "tolerance_mm": float(cfg.tolerance_mm), "missing": missing, "grid": "files"})
+    for line in summary_table(summary):
+        print(line, flush=True)
+    if missing:
+        print(f"no prediction for {len(missing)} of {len(cases)} bodies: {', '.join(missing[:5])}"
+              f"{' ...' if len(missing) > 5 else ''}", flush=True)
+    return summary
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    if cfg.get("predictions") or cfg.get("references"):
+        for key in ("predictions", "references"):
+            if not cfg.get(key):
+                raise InputError(key, "required with predictions= / references=: both folders")
+        return evaluate_folder(cfg)
+    if not cfg.get("ckpt"):
+        raise InputError("ckpt", "required: ckpt=PATH to a checkpoint written by landmark_unet.train, "
+                                 "or predictions=DIR references=DIR")
+    return evaluate_checkpoint(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

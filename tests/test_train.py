@@ -95,6 +95,11 @@ def test_evaluate_rescores_the_checkpoint(tiny_run, tmp_path):
     again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert again["test"]["liver"]["per_body"] == pytest.approx(metrics["test"]["liver"]["per_body"])
     assert "liver" in proc.stdout
+    # whole-volume inference (inference.predict_volume) scores the same bodies with the same Dice as Lightning's test
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    per_case = {r["case"]: r["dice"] for r in summary["metric_per_case"] if r["organ"] == "liver"}
+    assert per_case == pytest.approx(metrics["test"]["liver"]["per_body"], abs=1e-6)
+    assert {"hd95_mm", "nsd", "volume_diff_ml"} <= set(summary["mean"]["liver"])
 
 
 @pytest.mark.parametrize("fusion,landmarks", [("early", "manhattan"), ("late", "gaussian")])

@@ -148,6 +148,10 @@ class CacheEntry:
         idx = np.asarray(ks) if arr.shape[0] > 1 else np.zeros(len(ks), dtype=np.int64)
         return np.ascontiguousarray(arr[idx].transpose(1, 0, 2, 3), dtype=np.float32)
 
+    def distance_volume(self, key: str) -> np.ndarray:
+        """The distance maps cached under ``key``, float32 (Z', L, X, Y) (memory-mapped, read-only)."""
+        return self._open(f"distance-{key}.npy")
+
     def image_volume(self) -> np.ndarray:
         """All slices, float16 (Z, C, X, Y) (memory-mapped, read-only)."""
         return self._open("image.npy")

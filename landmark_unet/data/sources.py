@@ -130,7 +130,12 @@ def _part_mask(images: CaseImages, part: LabelPart, loaded: dict) -> np.ndarray:
     """Boolean canonical mask of one label part (a binary mask file, or some values of a label map)."""
     if part.path not in loaded:
         loaded[part.path] = images.on_grid(part.path)
-    data = loaded[part.path]
+    return label_part_mask(loaded[part.path], part)
+
+
+def label_part_mask(data: np.ndarray, part: LabelPart) -> np.ndarray:
+    """The voxels of ``data`` (read from ``part.path``) that belong to the part: a checked binary mask, or the
+    part's values of a label map."""
     if part.values is None:
         values = np.unique(data)
         if not np.all(np.isin(values, (0, 1))):
@@ -273,6 +278,28 @@ def read_case(
         files=files,
     )
     return subject if spacing is None else resample_subject(subject, spacing)
+
+
+def reference_mask(case: Case, organ: str) -> tuple[np.ndarray, np.ndarray, Path]:
+    """The reference mask of ``organ`` on its label file's own grid: (bool array, affine, first label file).
+
+    Raises:
+        InputError: no label for the organ, an unreadable file, parts on different grids, a bad mask.
+    """
+    parts = case.labels.get(organ)
+    if not parts:
+        raise InputError(case.name, f"has no reference for {organ}")
+    mask, ref, ref_path = None, None, parts[0].path
+    for part in parts:
+        img = load_nifti(part.path)
+        if ref is None:
+            ref = img
+        else:
+            _check_same_grid(ref, ref_path, img, part.path)
+        m = label_part_mask(np.asanyarray(img.dataobj), part)
+        mask = m if mask is None else mask | m
+    assert ref is not None
+    return mask, ref.affine, ref_path
 
 
 # -- the study's folder layout, by folder --------------------------------------------------------------------------
