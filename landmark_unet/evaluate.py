@@ -33,31 +33,32 @@ from landmark_unet.data.layouts import list_cases
 from landmark_unet.data.organs import ORGANS, organ_bit
 from landmark_unet.data.sources import load_nifti, reference_mask
 from landmark_unet.errors import InputError, exit_on_input_error
-from landmark_unet.inference import predict_volume
-from landmark_unet.runinfo import run_overrides, saved_overrides, summary_lines, write_metrics
+from landmark_unet.inference import predict_cached
+from landmark_unet.postprocess import largest_components
+from landmark_unet.runinfo import (
+    run_overrides,
+    run_postprocess,
+    saved_overrides,
+    summary_lines,
+    write_metrics,
+)
 from landmark_unet.scoring import score_masks, summary_table, write_summary
 
 warnings.filterwarnings("ignore", message=r".*always_return_as_numpy.*")  # MONAI's own deprecation, not ours
 
 
 def score_split(model: torch.nn.Module, datamodule, part: str, tolerance_mm: float, device: torch.device,
-                precision: str, progress: bool = True) -> list[dict]:
+                precision: str, progress: bool = True, postprocess: dict | None = None) -> list[dict]:
     """Whole-volume inference of every body of ``part`` on its cached (canonical, possibly resampled) grid, scored
-    against the cached reference masks."""
+    against the cached reference masks; with the run's ``postprocess`` choices applied."""
     rows = []
-    model = model.eval().to(device)
-    for name in tqdm(datamodule.split[part], desc="scoring", unit="body", disable=not progress, leave=False):
-        entry = datamodule.entries[name]
-        image = np.asarray(entry.image_volume()[:, datamodule.channel_index])
-        distance = entry.distance_volume(datamodule.distance_key) if datamodule.fusion != "none" else None
-        prob = predict_volume(model, image, distance, stack=datamodule.stack, batch_size=datamodule.eval_batch_size,
-                              size=datamodule.size, pad_multiple=datamodule.pad_multiple, device=device,
-                              precision=precision)
-        labels = np.asarray(entry.label_volume()).transpose(1, 2, 0)  # (X, Y, Z)
+    for name, prob, labels, spacing in predict_cached(model, datamodule, part, device, precision, progress):
         for k, organ in enumerate(datamodule.organs):
-            ref = (labels & organ_bit(organ)) > 0
+            pred = prob[k] > model.threshold
+            if (postprocess or {}).get(organ, {}).get("largest_component"):
+                pred = largest_components(pred, organ)
             rows.append({"case": name, "organ": organ,
-                         **score_masks(prob[k] > model.threshold, ref, entry.meta["spacing"], tolerance_mm)})
+                         **score_masks(pred, (labels & organ_bit(organ)) > 0, spacing, tolerance_mm)})
     return rows
 
 
@@ -81,10 +82,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         "checkpoint": str(ckpt), "split_file": str(split_file), "wall_seconds": time.perf_counter() - t0,
         "overrides": run_overrides(), "train_overrides": saved_overrides(run_dir),
     })
+    postprocess = run_postprocess(run_dir)
     rows = score_split(model, datamodule, "test", float(cfg.tolerance_mm), trainer.strategy.root_device,
-                       str(precision), bool(cfg.progress))
+                       str(precision), bool(cfg.progress), postprocess)
     summary = write_summary(out, rows, {"checkpoint": str(ckpt), "split_file": str(split_file),
-                                        "tolerance_mm": float(cfg.tolerance_mm), "grid": "cache"})
+                                        "tolerance_mm": float(cfg.tolerance_mm), "grid": "cache",
+                                        "postprocess": postprocess})
     for line in summary_lines(metrics) + summary_table(summary):
         print(line, flush=True)
     return metrics

@@ -108,3 +108,24 @@ def predict_volume(
             progress(len(ks))
     assert out is not None
     return out.numpy()
+
+
+def predict_cached(model: nn.Module, datamodule, part: str, device: torch.device, precision: str = "32-true",
+                   progress: bool = False):
+    """Whole-volume inference of every body of a DataModule's split ``part``, from its cache.
+
+    Yields ``(name, prob, labels, spacing)``: probabilities (K, X, Y, Z) of the model's organs, the packed reference
+    labels (X, Y, Z) uint8 (bit :func:`~landmark_unet.data.organs.organ_bit` per organ) and the voxel size in mm.
+    The padding is the DataModule's, so that the probabilities equal those of Lightning's validation and test.
+    """
+    from tqdm import tqdm
+
+    model = model.eval().to(device)
+    for name in tqdm(datamodule.split[part], desc=part, unit="body", disable=not progress, leave=False):
+        entry = datamodule.entries[name]
+        image = np.asarray(entry.image_volume()[:, datamodule.channel_index])
+        distance = entry.distance_volume(datamodule.distance_key) if datamodule.fusion != "none" else None
+        prob = predict_volume(model, image, distance, stack=datamodule.stack, batch_size=datamodule.eval_batch_size,
+                              size=datamodule.size, pad_multiple=datamodule.pad_multiple, device=device,
+                              precision=precision)
+        yield name, prob, np.asarray(entry.label_volume()).transpose(1, 2, 0), np.asarray(entry.meta["spacing"])

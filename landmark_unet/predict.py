@@ -30,6 +30,7 @@ from landmark_unet.checkpoint import load_run_config, load_weights
 from landmark_unet.config import quiet_third_party, resolve_precision
 from landmark_unet.data import geometry
 from landmark_unet.data.cache import CT_WINDOW, normalise_image, resolve_normalisation
+from landmark_unet.data.datamodule import MAP_KEYS
 from landmark_unet.data.layouts import Case, input_cases
 from landmark_unet.data.nifti import save_nifti
 from landmark_unet.data.organs import ORGANS
@@ -37,9 +38,10 @@ from landmark_unet.data.sources import CaseImages, case_landmarks
 from landmark_unet.errors import InputError, exit_on_input_error
 from landmark_unet.inference import predict_volume
 from landmark_unet.landmarks.distance import subject_maps
+from landmark_unet.postprocess import largest_components
+from landmark_unet.runinfo import run_postprocess
 
 log = logging.getLogger(__name__)
-MAP_KEYS = ("encoding", "units", "space", "combine", "pairs", "sigma_mm")
 
 
 @dataclass
@@ -62,11 +64,12 @@ class Predictor:
     threshold: float
     batch_size: int = 16
     tta: bool = False
+    postprocess: dict | None = None  # the run's choice per organ (metrics.json), see landmark_unet.postprocess
 
     @classmethod
     def from_checkpoint(cls, ckpt: Path, accelerator: str = "auto", precision: str = "auto",
                         threshold: float | None = None, batch_size: int = 16, tta: bool = False) -> Predictor:
-        run_cfg, _ = load_run_config(ckpt)
+        run_cfg, run_dir = load_run_config(ckpt)
         model = instantiate(run_cfg.model)
         load_weights(model, ckpt)
         data = OmegaConf.to_container(run_cfg.data, resolve=True)
@@ -76,7 +79,7 @@ class Predictor:
         return cls(model=model.eval().to(device), organs=list(data["organs"]), channels=list(data["channels"]),
                    run=data, device=device, precision=precision,
                    threshold=float(threshold if threshold is not None else run_cfg.model.get("threshold", 0.5)),
-                   batch_size=batch_size, tta=tta)
+                   batch_size=batch_size, tta=tta, postprocess=run_postprocess(run_dir))
 
     @property
     def fused(self) -> bool:
@@ -112,11 +115,19 @@ class Predictor:
         return prob, images
 
 
-def outputs_of(case: str, prob: np.ndarray, organs: list[str], threshold: float, labelmap: bool,
+    def masks(self, prob: np.ndarray) -> np.ndarray:
+        """Binary masks (K, ...) of probabilities (K, ...), with the run's post-processing."""
+        masks = prob > self.threshold
+        for k, organ in enumerate(self.organs):
+            if (self.postprocess or {}).get(organ, {}).get("largest_component"):
+                masks[k] = largest_components(masks[k], organ)
+        return masks
+
+
+def outputs_of(case: str, prob: np.ndarray, masks: np.ndarray, organs: list[str], labelmap: bool,
                probabilities: bool) -> dict[str, np.ndarray]:
     """File name -> array of one case's predictions (see the module docstring)."""
     files: dict[str, np.ndarray] = {}
-    masks = prob > threshold
     if labelmap:
         label = np.zeros(prob.shape[1:], np.uint8)
         best = np.argmax(np.where(masks, prob, -1.0), axis=0)
@@ -150,12 +161,13 @@ def predict(cfg: DictConfig) -> list[Path]:
     for case in cases:
         with tqdm(desc=case.name, unit="slice", disable=not cfg.progress, leave=False) as bar:
             prob, images = predictor.probabilities(case, progress=bar.update)
-        for name, array in outputs_of(case.name, prob, predictor.organs, predictor.threshold, bool(cfg.labelmap),
+        masks = predictor.masks(prob)
+        for name, array in outputs_of(case.name, prob, masks, predictor.organs, bool(cfg.labelmap),
                                       bool(cfg.probabilities)).items():
             save_nifti(out / name, array, images.source_affine)
             written.append(out / name)
         voxel_ml = float(abs(np.linalg.det(images.source_affine[:3, :3]))) / 1000.0
-        volumes = ", ".join(f"{o} {float((prob[k] > predictor.threshold).sum()) * voxel_ml:.1f} ml"
+        volumes = ", ".join(f"{o} {float(masks[k].sum()) * voxel_ml:.1f} ml"
                             for k, o in enumerate(predictor.organs))
         print(f"{case.name}: {volumes}", flush=True)
     return written

@@ -32,6 +32,15 @@ def saved_overrides(run_dir: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
+def run_postprocess(run_dir: Path) -> dict:
+    """The post-processing chosen on the validation bodies by a run (its metrics.json ``postprocess``), or {}."""
+    path = Path(run_dir) / "metrics.json"
+    try:
+        return json.loads(path.read_text()).get("postprocess") or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def checkpoint_callback(trainer: pl.Trainer) -> pl.callbacks.ModelCheckpoint | None:
     return trainer.checkpoint_callback
 

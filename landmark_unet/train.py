@@ -20,6 +20,7 @@ from landmark_unet.config import quiet_third_party, resolve_precision, validate
 from landmark_unet.errors import exit_on_input_error
 from landmark_unet.launch import check_ddp_launch, pin_local_job_gpu
 from landmark_unet.lit.callbacks import EpochTimer, MetricHistory
+from landmark_unet.postprocess import choose_on_validation
 from landmark_unet.runinfo import checkpoint_callback, run_overrides, summary_lines, write_metrics
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ def train(cfg: DictConfig) -> dict:
     ckpt = checkpoint_callback(trainer)
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
     trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    postprocess = None
+    if cfg.get("postprocess") and trainer.is_global_zero:  # the model now holds the tested (best) weights
+        postprocess = choose_on_validation(model, datamodule, trainer.strategy.root_device, str(trainer.precision))
     metrics = write_metrics(
         out / "metrics.json" if trainer.is_global_zero else None,
         model=model,
@@ -62,6 +66,7 @@ def train(cfg: DictConfig) -> dict:
             "overrides": run_overrides(),
             "precision": str(trainer.precision),
             "history": history.history,
+            "postprocess": postprocess,
         },
     )
     if trainer.is_global_zero:

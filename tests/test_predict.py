@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -168,3 +170,14 @@ def test_fused_model_on_a_subject_folder_and_its_reoriented_copy(tmp_path):
     predict(compose_predict([f"ckpt={ckpt}", f"input={tmp_path / 'nn' / 'case_0000.nii.gz'}",
                              f"output={tmp_path / 'c'}"]))
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["case_liver.nii.gz"]
+    # bad input: one line naming the file, exit code 2, nothing written
+    save_nifti(tmp_path / "bad" / "x_0000.nii.gz", np.zeros((8, 8, 8, 2), np.float32), np.eye(4))
+    save_nifti(tmp_path / "bad" / "x_0001.nii.gz", np.zeros((8, 8, 8), np.float32), np.eye(4))
+    for bad, needle in ((tmp_path / "nope.nii.gz", "input file or folder is missing"),
+                        (tmp_path / "bad" / "x_0000.nii.gz", "expected a 3D volume")):
+        proc = subprocess.run([sys.executable, "-m", "landmark_unet.predict", f"ckpt={ckpt}", f"input={bad}",
+                               f"output={tmp_path / 'never'}", f"hydra.run.dir={tmp_path / 'h'}", "progress=false"],
+                              capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0] and str(bad) in lines[0], proc.stderr
+        assert not (tmp_path / "never").exists()
