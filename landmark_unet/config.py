@@ -69,6 +69,7 @@ def quiet_third_party() -> None:
     """Silence third-party chatter that says nothing about the run (advertising tips, internal deprecations,
     a log-interval hint for our epoch-level metrics)."""
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # optuna's database layer, imported with MONAI
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")  # augmentation, on purpose
