@@ -29,9 +29,9 @@ from tqdm import tqdm
 from landmark_unet.checkpoint import load_run_config, load_weights
 from landmark_unet.config import quiet_third_party, resolve_precision
 from landmark_unet.data import geometry
-from landmark_unet.data.layouts import list_cases
+from landmark_unet.data.layouts import LabelPart, list_cases
 from landmark_unet.data.organs import ORGANS, organ_bit
-from landmark_unet.data.sources import load_nifti, reference_mask
+from landmark_unet.data.sources import label_part_mask, load_nifti, reference_mask
 from landmark_unet.errors import InputError, exit_on_input_error
 from landmark_unet.inference import predict_cached
 from landmark_unet.postprocess import largest_components
@@ -116,11 +116,9 @@ def evaluate_folder(cfg: DictConfig) -> dict:
             if not geometry.same_grid(img.shape, img.affine, ref.shape, affine):
                 raise InputError(path, f"is not on the grid of its reference {ref_path} "
                                        f"(shape {img.shape} vs {ref.shape}, or another affine)")
-            pred = np.asanyarray(img.dataobj)
-            if not np.all(np.isin(np.unique(pred), (0, 1))):
-                raise InputError(path, "prediction is not a binary mask (values other than 0 and 1)")
+            pred = label_part_mask(np.asanyarray(img.dataobj), LabelPart(path))  # checked binary
             rows.append({"case": case.name, "organ": organ,
-                         **score_masks(pred > 0, ref, geometry.spacing_of(affine), float(cfg.tolerance_mm))})
+                         **score_masks(pred, ref, geometry.spacing_of(affine), float(cfg.tolerance_mm))})
         if not found:
             missing.append(case.name)
     if not rows:
