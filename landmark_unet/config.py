@@ -71,6 +71,7 @@ def quiet_third_party() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
     logging.getLogger("alembic").setLevel(logging.WARNING)  # optuna's database layer, imported with MONAI
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*always_return_as_numpy.*")  # inside MONAI's surface metrics
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")  # augmentation, on purpose
     # Dice is logged from PerBodyDice, whose counts are already gathered from every DDP rank

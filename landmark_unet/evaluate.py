@@ -15,7 +15,6 @@ files' own grids. Writes summary.json and scores.csv. Bodies without a predictio
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
 import hydra
@@ -29,8 +28,8 @@ from tqdm import tqdm
 from landmark_unet.checkpoint import load_run_config, load_weights
 from landmark_unet.config import quiet_third_party, resolve_precision
 from landmark_unet.data import geometry
-from landmark_unet.data.layouts import LabelPart, list_cases
-from landmark_unet.data.organs import ORGANS, organ_bit
+from landmark_unet.data.layouts import LabelPart, labelled_organs, list_cases
+from landmark_unet.data.organs import organ_bit
 from landmark_unet.data.sources import label_part_mask, load_nifti, reference_mask
 from landmark_unet.errors import InputError, exit_on_input_error
 from landmark_unet.inference import predict_cached
@@ -43,8 +42,6 @@ from landmark_unet.runinfo import (
     write_metrics,
 )
 from landmark_unet.scoring import score_masks, summary_table, write_summary
-
-warnings.filterwarnings("ignore", message=r".*always_return_as_numpy.*")  # MONAI's own deprecation, not ours
 
 
 def score_split(model: torch.nn.Module, datamodule, part: str, tolerance_mm: float, device: torch.device,
@@ -98,9 +95,8 @@ def evaluate_folder(cfg: DictConfig) -> dict:
     if not predictions.is_dir():
         raise InputError(predictions, "predictions folder is missing")
     data = cfg.data
-    layout = "folder" if data.source == "phantom" else data.source
     labels = OmegaConf.to_container(data.labels) if data.get("labels") else None
-    organs = list(ORGANS) if layout == "folder" or not labels else [o for o in ORGANS if o in labels]
+    layout, organs = labelled_organs(data.source, labels)
     cases = list_cases(layout, references, organs, labels=labels, channel_names=data.get("channel_names"),
                        image_file=data.get("image_file", "ct.nii.gz"), include=data.get("cases"))
     rows, missing = [], []

@@ -75,7 +75,7 @@ class Predictor:
         data = OmegaConf.to_container(run_cfg.data, resolve=True)
         cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
         device = torch.device("cuda" if cuda else "cpu")
-        precision = str(resolve_precision(precision)) if device.type == "cuda" or precision != "auto" else "32-true"
+        precision = "32-true" if device.type == "cpu" and precision == "auto" else str(resolve_precision(precision))
         return cls(model=model.eval().to(device), organs=list(data["organs"]), channels=list(data["channels"]),
                    run=data, device=device, precision=precision,
                    threshold=float(threshold if threshold is not None else run_cfg.model.get("threshold", 0.5)),

@@ -26,7 +26,7 @@ from landmark_unet.data.cache import (
     ensure_distance_maps,
     resolve_normalisation,
 )
-from landmark_unet.data.layouts import CHANNELS, LAYOUTS, Case, list_cases
+from landmark_unet.data.layouts import CHANNELS, LAYOUTS, Case, labelled_organs, list_cases
 from landmark_unet.data.organs import ORGANS, organ_bit
 from landmark_unet.data.slices import (
     EvalShardSampler,
@@ -221,9 +221,7 @@ class SliceDataModule(pl.LightningDataModule):
     def list_cases(self, root: Path) -> list[Case]:
         """The cases of the dataset, with the label files of every organ the layout names (all five for the
         study's layout, those in ``labels`` for the others)."""
-        layout = "folder" if self.source == "phantom" else self.source
-        organs = ORGANS if layout == "folder" or (layout == "totalseg" and not self.labels) else \
-            [o for o in ORGANS if o in self.labels]
+        layout, organs = labelled_organs(self.source, self.labels)
         missing = [o for o in self.organs if o not in organs]
         if missing:
             raise InputError(f"data.labels.{missing[0]}", f"no label name for {missing[0]} in this dataset's config")

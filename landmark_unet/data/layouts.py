@@ -119,6 +119,17 @@ def list_cases(
     return cases
 
 
+def labelled_organs(source: str, labels: Mapping[str, Sequence[str]] | None) -> tuple[str, list[str]]:
+    """(layout, organs with a reference) of a dataset: all five for the study's layout (and the phantom, which
+    writes it) and for TotalSegmentator's default names, else the organs ``labels`` names."""
+    from landmark_unet.data.organs import ORGANS
+
+    layout = "folder" if source == "phantom" else source
+    if layout == "folder" or (layout == "totalseg" and not labels):
+        return layout, list(ORGANS)
+    return layout, [o for o in ORGANS if o in (labels or {})]
+
+
 def _subfolders(root: Path, holds_case) -> list[Path]:
     """Sub-folders of ``root`` that hold a case, sorted; hidden ones (an interrupted writer's) are skipped."""
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and holds_case(p))
