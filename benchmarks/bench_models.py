@@ -1,11 +1,12 @@
 """One training step of each network at the study's configuration on this machine, fp32 and bf16-mixed.
 
-    python -m benchmarks.bench_models [--steps 2] [--models unet2d,unet2d_multitask,unet3d]
+    python -m benchmarks.bench_models [--steps 2] [--models unet2d,unet2d_multitask,unet3d] [--channels-last-only]
 
 - unet2d: classic U-Net 64-1024, batch 10 x 2 x 256 x 256 (fat + water), one organ, RMSprop (the study's 2D);
 - unet2d_multitask: batch 10 x 1 x 256 x 256 (fat only, Table 1), five heads, RMSprop;
 - unet3d: batch 4 x 2 x 5 x 256 x 256, Adam (the study's depth-5).
-The step is forward + summed BCE + backward + optimizer step, on the CPU (or the GPU when present), in the
+Each in channels-last memory format (the configs' default) and, for the record of what that did, contiguous. The
+step is forward + summed BCE + backward + optimizer step, on the CPU (or the GPU when present), in the
 LightningModule's own loss; bf16-mixed is torch.autocast(bfloat16) around forward and loss, as Lightning does.
 Reports the fastest of ``steps`` timed steps after one warm-up, and the bf16/fp32 speed-up measured side by side.
 """
@@ -30,10 +31,10 @@ CONFIGS = {
 }
 
 
-def step_seconds(name: str, precision: str, steps: int, device: str) -> float:
+def step_seconds(name: str, precision: str, steps: int, device: str, channels_last: bool = True) -> float:
     build, shape, k, opt_cls = CONFIGS[name]
     torch.manual_seed(0)
-    module = SegmentationModule(build(), ["o"] * k, opt_cls).to(device)
+    module = SegmentationModule(build(), ["o"] * k, opt_cls, channels_last=channels_last).to(device)
     opt = opt_cls(module.parameters(), lr=1e-5)
     x = torch.randn(shape, device=device)
     y = (torch.rand(shape[0], k, *shape[-2:], device=device) > 0.5).float()
@@ -54,16 +55,23 @@ def step_seconds(name: str, precision: str, steps: int, device: str) -> float:
     return min(times)
 
 
-def run(steps: int = 2, models: tuple[str, ...] = tuple(CONFIGS)) -> dict:
+def run(steps: int = 2, models: tuple[str, ...] = tuple(CONFIGS), layouts: tuple[bool, ...] = (True, False)) -> dict:
+    """Per model: step seconds in fp32 and bf16-mixed, channels-last (the configs' default) and, for the record of
+    what channels-last did, contiguous, one after the other in this process."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
                  "threads": torch.get_num_threads()}
     for name in models:
-        fp32 = step_seconds(name, "32-true", steps, device)
-        bf16 = step_seconds(name, "bf16-mixed", steps, device)
-        out[f"step_seconds_{name}_fp32"] = fp32
-        out[f"step_seconds_{name}_bf16"] = bf16
-        out[f"bf16_speedup_{name}"] = fp32 / bf16
+        for channels_last in layouts:
+            suffix = "" if channels_last else "_contiguous"
+            for precision, tag in (("32-true", "fp32"), ("bf16-mixed", "bf16")):
+                out[f"step_seconds_{name}_{tag}{suffix}"] = step_seconds(name, precision, steps, device, channels_last)
+            out[f"bf16_speedup_{name}{suffix}"] = out[f"step_seconds_{name}_fp32{suffix}"] / out[
+                f"step_seconds_{name}_bf16{suffix}"]
+        if len(layouts) == 2:
+            for tag in ("fp32", "bf16"):
+                out[f"channels_last_speedup_{name}_{tag}"] = (out[f"step_seconds_{name}_{tag}_contiguous"]
+                                                              / out[f"step_seconds_{name}_{tag}"])
     return out
 
 
@@ -71,8 +79,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--models", default=",".join(CONFIGS))
+    ap.add_argument("--channels-last-only", action="store_true", help="skip the contiguous-layout comparison")
     args = ap.parse_args()
-    print(json.dumps(run(args.steps, tuple(args.models.split(","))), indent=2))
+    layouts = (True,) if args.channels_last_only else (True, False)
+    print(json.dumps(run(args.steps, tuple(args.models.split(",")), layouts), indent=2))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def train(cfg: DictConfig) -> dict:
         datamodule=datamodule,
         extra={
             "seconds_per_epoch": timer.seconds_per_epoch,
+            "data_wait_fraction": timer.data_wait_fraction,
             "epochs": trainer.current_epoch,
             "checkpoint": best,
             "best_val_dice_mean": float(ckpt.best_model_score) if best and ckpt.best_model_score is not None else None,

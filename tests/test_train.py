@@ -51,6 +51,7 @@ def test_run_directory(tiny_run):
     assert set(splits["test"]).isdisjoint(splits["train"] + splits["val"])
     for key in ("seconds_per_epoch", "peak_memory_gib", "overrides"):
         assert key in on_disk
+    assert 0 < on_disk["data_wait_fraction"] < 1  # the loader's share of the training epochs' time
     assert 0 <= liver["dice_mean"] <= 1 and liver["dice_std"] >= 0
     history = on_disk["history"]  # the validation curves of the report, one value per epoch, in step
     assert history["epoch"] == [0, 1]
@@ -63,6 +64,24 @@ def test_tensorboard_tags(tiny_run):
     tags = tensorboard_tags(tmp / "run" / "tb")
     assert {"val/dice/liver", "val/dice_mean", "train/loss", "val/loss", "test/dice/liver"} <= tags["scalars"]
     assert "val/panel" in tags["images"]
+
+
+def test_panel_position_is_the_middle_organ_slice_in_loader_order(tiny_run):
+    """The panel's (batch, sample) is found from the validation loader's fixed order, never by asking the device."""
+    import numpy as np
+    from hydra.utils import instantiate
+
+    from landmark_unet.data.organs import organ_bit
+
+    _, cfg, _ = tiny_run
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    first = next(n for n in dm.split["val"] if (dm.entries[n].slice_bits & organ_bit("liver")).any())
+    ks = np.flatnonzero(dm.entries[first].slice_bits & organ_bit("liver"))
+    batch_index, sample = divmod(dm.panel_position(), dm.eval_batch_size)
+    batch = next(b for i, b in enumerate(dm.val_dataloader()) if i == batch_index)
+    assert int(batch["subject"][sample]) == dm.subject_id(first)
+    assert int(batch["slice"][sample]) == int(ks[len(ks) // 2])
 
 
 def test_resume_from_last_checkpoint(tiny_run, tmp_path):

@@ -354,13 +354,16 @@ class SliceDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-    def panel_slice(self) -> tuple[int, int]:
-        """(subject id, slice) shown in the TensorBoard image panel: the middle organ slice of the first
-        validation body that holds the organ(s)."""
+    def panel_position(self) -> int:
+        """Position, in the validation loader's order, of the slice shown in the TensorBoard image panel: the
+        middle organ slice of the first validation body that holds the organ(s) (else its middle slice)."""
         bits = sum(organ_bit(o) for o in self.organs)
         names = self.split["val"] or self.split["test"]
+        before = 0  # the evaluation loader visits every slice of each body in order
         for name in names:
-            ks = np.flatnonzero(self.entries[name].slice_bits & bits)
+            entry = self.entries[name]
+            ks = np.flatnonzero(entry.slice_bits & bits)
             if len(ks):
-                return self.subject_id(name), int(ks[len(ks) // 2])
-        return self.subject_id(names[0]), self.entries[names[0]].shape[2] // 2
+                return before + int(ks[len(ks) // 2])
+            before += entry.shape[2]
+        return self.entries[names[0]].shape[2] // 2

@@ -11,15 +11,27 @@ import torch
 
 class EpochTimer(pl.Callback):
     """Measures wall seconds of each training epoch (training batches only) and of each whole epoch with its
-    validation, and the peak memory of the run."""
+    validation, and the seconds the training loop spent between steps: fetching the next batch from the loader,
+    moving it to the device and augmenting it (from the end of one training step to the start of the next, and
+    from the epoch's start to its first step). On a GPU that host time is an upper bound of the time the device
+    waited for data, since the host queues work ahead of the device."""
 
     def __init__(self):
         self.train_seconds: list[float] = []
         self.epoch_seconds: list[float] = []
+        self.wait_seconds: list[float] = []
         self._t0 = 0.0
+        self._last = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = self._last = time.perf_counter()
+        self.wait_seconds.append(0.0)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.wait_seconds[-1] += time.perf_counter() - self._last
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._last = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # Lightning runs validation before on_train_epoch_end; on_validation_start marks the split below.
@@ -34,8 +46,20 @@ class EpochTimer(pl.Callback):
     @property
     def seconds_per_epoch(self) -> float:
         """Mean training seconds per epoch, first epoch excluded when there are several (warm-up)."""
-        xs = self.train_seconds[1:] if len(self.train_seconds) > 1 else self.train_seconds
+        xs = self._steady(self.train_seconds)
         return float(sum(xs) / len(xs)) if xs else float("nan")
+
+    @property
+    def data_wait_fraction(self) -> float:
+        """Share of the training epochs' time spent between steps (see the class), first epoch excluded when there
+        are several (it starts the loader workers)."""
+        n = min(len(self.train_seconds), len(self.wait_seconds))
+        train, wait = self._steady(self.train_seconds[:n]), self._steady(self.wait_seconds[:n])
+        return float(sum(wait) / sum(train)) if train and sum(train) > 0 else float("nan")
+
+    @staticmethod
+    def _steady(xs: list[float]) -> list[float]:
+        return xs[1:] if len(xs) > 1 else xs
 
 
 def peak_memory_gib() -> dict[str, float]:

@@ -48,8 +48,10 @@ class SegmentationModule(pl.LightningModule):
         threshold: probability cut-off for the binary masks.
         augmentation: ranges for :class:`~landmark_unet.data.augment.AffineAugment` (``rotation``, ``scale``,
             ``shear``, ``p``), applied to training batches on the device; never in validation or test.
-        channels_last: keep 2D weights and inputs in channels-last memory format (faster convolutions on recent
-            GPUs and on CPUs with oneDNN; see benchmarks/README.md).
+        channels_last: keep the 2D convolutions' weights and inputs in channels-last memory format (faster on
+            tensor-core GPUs and on CPUs with oneDNN: see benchmarks/README.md).
+        compile: compile the network with ``torch.compile`` (``nn.Module.compile``: parameter names and
+            checkpoints stay those of the plain network). Costs a minute or so of compilation at the first step.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class SegmentationModule(pl.LightningModule):
         threshold: float = 0.5,
         augmentation: dict | None = None,
         channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -72,10 +75,14 @@ class SegmentationModule(pl.LightningModule):
         self.augment = AffineAugment(**(augmentation or {}))
         self.channels_last = channels_last
         if channels_last:
-            self.net.to(memory_format=torch.channels_last)
+            for m in self.net.modules():  # 4D weights only: a depth-5 stem's 3D convolutions stay as they are
+                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                    m.to(memory_format=torch.channels_last)
+        if compile:
+            self.net.compile()
         self.val_dice = PerBodyDice()
         self.test_dice = PerBodyDice()
-        self.panel_key: tuple[int, int] | None = None
+        self.panel_at: tuple[int, int] | None = None  # (validation batch, sample) of the panel slice on this rank
         self._panel: dict | None = None
         self.test_result: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -91,8 +98,13 @@ class SegmentationModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "panel_slice"):
-            self.panel_key = dm.panel_slice()
+        if dm is not None and hasattr(dm, "panel_position"):
+            # found from the loader's fixed order, so that validation never asks the device where the slice is
+            rank, ranks = self.trainer.global_rank, self.trainer.world_size
+            position = dm.panel_position()
+            batch = dm.eval_batch_size
+            self.panel_at = (position // ranks // batch, position // ranks % batch) if position % ranks == rank \
+                else None
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self._trainer is not None and self.trainer.training and self.augment.active:
@@ -118,10 +130,9 @@ class SegmentationModule(pl.LightningModule):
         logits, prob = self._evaluate(batch, self.val_dice)
         self.log("val/loss", self.loss(logits, batch["mask"]), on_epoch=True, batch_size=len(batch["image"]),
                  sync_dist=True)
-        if self.panel_key is not None:
-            hit = (batch["subject"] == self.panel_key[0]) & (batch["slice"] == self.panel_key[1])
-            if hit.any():
-                i = int(hit.nonzero()[0])
+        if self.panel_at is not None and batch_idx == self.panel_at[0]:
+            i = self.panel_at[1]
+            if i < len(batch["image"]):
                 image = batch["image"][i, 0]
                 if image.ndim == 3:  # a stack: show its middle slice
                     image = image[image.shape[0] // 2]

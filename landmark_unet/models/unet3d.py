@@ -5,6 +5,7 @@ replace the first double convolution; the rest is the 2D U-Net."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from landmark_unet.models.fusion import FusionSegmenter, fused_channels
@@ -13,8 +14,35 @@ from landmark_unet.models.unet2d import UNet2dTrunk
 STACK_DEPTH = 5
 
 
+def conv3d_as_2d(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """``conv`` applied to a depth-major stack, computed as one 2D convolution.
+
+    A 3D convolution with no padding along depth gives output slice d from input slices d .. d + kd - 1. Stacking
+    those slices along the channels and the output slices along the batch makes it a 2D convolution with the
+    depth folded into the input channels (weight (F, C, kd, kh, kw) -> (F, kd * C, kh, kw)): the same values,
+    but 2D convolutions have fast bf16 and channels-last kernels on CPUs and GPUs, which 3D ones lack on the CPU
+    (benchmarks/README.md).
+
+    Shapes: x (B, D, C, H, W) -> (B, D - kd + 1, F, H', W').
+    """
+    kd = conv.kernel_size[0]
+    if conv.padding[0] != 0 or conv.stride[0] != 1 or conv.dilation[0] != 1 or conv.groups != 1:
+        raise ValueError("conv3d_as_2d needs an unpadded, unstrided, undilated, ungrouped depth axis")
+    b, d, c, h, w = x.shape
+    out_d = d - kd + 1
+    windows = x.unfold(1, kd, 1).permute(0, 1, 5, 2, 3, 4).reshape(b * out_d, kd * c, h, w)  # channels (kd, C)
+    weight = conv.weight.transpose(1, 2).reshape(conv.out_channels, kd * c, *conv.kernel_size[1:])
+    y = F.conv2d(windows.contiguous(memory_format=torch.channels_last), weight, conv.bias, conv.stride[1:],
+                 conv.padding[1:], conv.dilation[1:])
+    return y.reshape(b, out_d, *y.shape[1:])
+
+
 class Stem3d(nn.Sequential):
     """(3x3x3 conv, BatchNorm, ReLU) x 2, padding (0, 1, 1): (B, C, 5, H, W) -> (B, F, H, W).
+
+    The convolutions are ``nn.Conv3d`` parameters run by :func:`conv3d_as_2d`; BatchNorm normalises each channel
+    over the batch, the slices and the plane (BatchNorm3d's statistics, as a BatchNorm2d over the slices folded
+    into the batch, whose parameter names and shapes are BatchNorm3d's: checkpoints load either way).
 
     Raises:
         ValueError: the stack is not 5 slices deep.
@@ -23,22 +51,24 @@ class Stem3d(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(
             nn.Conv3d(in_channels, out_channels, 3, padding=(0, 1, 1), bias=False),
-            nn.BatchNorm3d(out_channels),
+            nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
             nn.Conv3d(out_channels, out_channels, 3, padding=(0, 1, 1), bias=False),
-            nn.BatchNorm3d(out_channels),
+            nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.shape[2] != STACK_DEPTH:
             raise ValueError(f"the depth-5 network takes (B, C, 5, H, W) stacks, got {tuple(x.shape)}")
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # bf16 3D convolutions have no fast CPU kernel (measured: > 5 min against 1.35 s in fp32 for one
-            # forward + backward of this stem at 4 x 2 x 5 x 256 x 256): keep the stem in fp32 on the CPU.
-            with torch.autocast("cpu", enabled=False):
-                return super().forward(x.float()).squeeze(2)
-        return super().forward(x).squeeze(2)
+        b = x.shape[0]
+        x = x.transpose(1, 2)  # (B, D, C, H, W)
+        for layer in self:
+            if isinstance(layer, nn.Conv3d):
+                x = conv3d_as_2d(x.reshape(b, -1, *x.shape[-3:]), layer)  # (B, D', F, H, W)
+            else:  # BatchNorm and ReLU over (B * D', F, H, W)
+                x = layer(x.reshape(-1, *x.shape[-3:]))
+        return x  # D' = 1: (B, F, H, W)
 
 
 class UNet3d(FusionSegmenter):

@@ -1,0 +1,222 @@
+"""Training at the study's 2D configuration: the LightningModule against a plain PyTorch loop, fp32 against bf16,
+FLOP utilisation, time waiting for data, and seconds per epoch against the study's Table 1.
+
+    python -m benchmarks.bench_train [--steps 3] [--rounds 2] [--no-compile] [--no-multitask]
+
+Setting (the study's section 3.4): classic U-Net 64-1024 (channels-last, as the model configs set it), batch 10 of
+2 x 256 x 256 fat + water slices of the full-size phantom through the real DataModule and DataLoader (2 workers),
+RMSprop (lr 1e-5, momentum 0.9, weight decay 1e-8), BCE with logits.
+
+- **Lightning vs plain**: the same model, loader, optimiser and precision, once through ``pl.Trainer.fit`` with the
+  LightningModule (its TensorBoard logging, callbacks and hooks included) and once through a hand-written loop
+  (next batch, to device, autocast forward, loss, backward, step). Arms alternate (L P, then P L) for ``rounds``
+  rounds; each arm runs ``steps + 1`` steps and its first (loader start, kernel warm-up) is dropped. Ratio of
+  medians of the step times (slices/s Lightning over slices/s plain).
+- **bf16**: the same Lightning arms in bf16-mixed, interleaved with the fp32 ones; ``bf16_speedup`` = fp32 step
+  time / bf16 step time.
+- **FLOP utilisation**: FLOPs of one training step counted by ``torch.utils.flop_counter`` (forward + backward),
+  over the Lightning step time, over the peak of a large matmul in the same precision measured in this run.
+- **Data wait**: share of the Lightning step time spent between steps (fetch, transfer; the EpochTimer's measure).
+- **Seconds per epoch**: 800 slices (the study's Table 1: about 800 organ slices per epoch, 100 s single-task and
+  170 s multi-task on a GTX 1080) at the measured Lightning step time; the multi-task network (fat only, five heads)
+  is timed the same way in bf16-mixed (fp32 on a GPU as well).
+- **torch.compile** (``model.compile=true``): Lightning arms of the compiled network, after the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import tempfile
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import device, device_name, full_size_datamodule, matmul_peak, median, sync
+from landmark_unet.config import quiet_third_party
+from landmark_unet.inference import autocast
+from landmark_unet.lit.segmentation import SegmentationModule
+from landmark_unet.models.multitask import UNet2dMultiTask
+from landmark_unet.models.unet2d import UNet2d
+
+STUDY_SLICES_PER_EPOCH = 800
+BATCH = 10
+PEAK_DTYPE = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def rmsprop():
+    return functools.partial(torch.optim.RMSprop, lr=1e-5, weight_decay=1e-8, momentum=0.9)
+
+
+def study_module(multitask: bool = False, compile: bool = False) -> SegmentationModule:
+    torch.manual_seed(0)
+    net = UNet2dMultiTask(1, 5) if multitask else UNet2d(2, 1)
+    organs = ["liver", "kidneys", "pancreas", "spleen", "bladder"] if multitask else ["liver"]
+    return SegmentationModule(net, organs, rmsprop(), channels_last=True, compile=compile)
+
+
+class StepClock(pl.Callback):
+    """Wall time from the end of one training step to the end of the next (so fetching is included), and the part
+    of it spent before the step started (the wait for data)."""
+
+    def __init__(self):
+        self.steps: list[float] = []
+        self.waits: list[float] = []
+        self._end = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._end = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.waits.append(time.perf_counter() - self._end)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sync(pl_module.device)
+        now = time.perf_counter()
+        self.steps.append(now - self._end)
+        self._end = now
+
+
+def lightning_arm(module: SegmentationModule, dm, precision: str, steps: int) -> tuple[list[float], list[float]]:
+    """Step times and data waits (s) of ``steps`` steps through Trainer.fit, after one dropped step."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    clock = StepClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(accelerator="auto", devices=1, precision=precision, max_epochs=1,
+                             limit_train_batches=steps + 1, limit_val_batches=0, num_sanity_val_steps=0,
+                             logger=TensorBoardLogger(tmp, name="bench"), log_every_n_steps=10,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[clock], default_root_dir=tmp)
+        trainer.fit(module, datamodule=dm)
+    return clock.steps[1:], clock.waits[1:]
+
+
+def plain_arm(module: SegmentationModule, dm, precision: str, steps: int, dev: torch.device) -> list[float]:
+    """Step times (s) of the same work in a hand-written loop, after one dropped step."""
+    net = module.net.to(dev).train()
+    optimizer = rmsprop()(net.parameters())
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "16-mixed")
+    batches = iter(dm.train_dataloader())
+    times, end = [], time.perf_counter()
+    for _ in range(steps + 1):
+        batch = next(batches)
+        x = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = batch["mask"].to(dev, non_blocking=True)
+        with autocast(dev, precision):
+            logits = net(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y, reduction="none").mean(dim=(0, 2, 3)).sum()
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sync(dev)
+        now = time.perf_counter()
+        times.append(now - end)
+        end = now
+    del batches
+    return times[1:]
+
+
+def step_flops(module: SegmentationModule, dev: torch.device, channels: int) -> int:
+    """FLOPs of one training step's forward + backward at batch 10 x channels x 256 x 256 (the optimiser's few
+    element-wise FLOPs are not counted)."""
+    net = module.net.to(dev)
+    x = torch.randn(BATCH, channels, 256, 256, device=dev).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter:
+        net(x).float().sum().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool = True, subjects: int = 50) -> dict:
+    quiet_third_party()
+    dev = device()
+    precisions = ["32-true", "bf16-mixed"] + (["16-mixed"] if dev.type == "cuda" else [])
+    peaks = {p: matmul_peak(PEAK_DTYPE[p], dev) for p in precisions}
+    dm = full_size_datamodule(subjects=subjects)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = study_module()
+    flops = step_flops(module, dev, channels=2)
+
+    lightning = {p: [] for p in precisions}
+    plain = {p: [] for p in precisions}
+    waits = {p: [] for p in precisions}
+    for r in range(rounds):
+        for p in precisions:
+            arms = ("lightning", "plain") if r % 2 == 0 else ("plain", "lightning")
+            for arm in arms:
+                if arm == "lightning":
+                    times, wait = lightning_arm(module, dm, p, steps)
+                    lightning[p] += times
+                    waits[p] += wait
+                else:
+                    plain[p] += plain_arm(module, dm, p, steps, dev)
+                print(f"round {r} {p} {arm}: {lightning[p][-1] if arm == 'lightning' else plain[p][-1]:.3f} s/step",
+                      flush=True)
+    peaks = {p: max(v, matmul_peak(PEAK_DTYPE[p], dev)) for p, v in peaks.items()}  # best of start and end
+
+    out: dict = {"device": device_name(), "threads": torch.get_num_threads(), "steps_per_arm": steps,
+                 "rounds": rounds, "step_gflop": flops / 1e9}
+    tag = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
+    for p in precisions:
+        lt, pt = median(lightning[p]), median(plain[p])
+        out[f"step_seconds_lightning_{tag[p]}"] = lt
+        out[f"step_seconds_plain_{tag[p]}"] = pt
+        out[f"lightning_vs_plain_ratio_{tag[p]}"] = pt / lt
+        out[f"matmul_peak_tflops_{tag[p]}"] = peaks[p] / 1e12
+        out[f"mfu_{tag[p]}"] = flops / lt / peaks[p]
+        out[f"data_wait_fraction_{tag[p]}"] = sum(waits[p]) / sum(lightning[p])
+        out[f"seconds_per_epoch_2d_{tag[p]}"] = STUDY_SLICES_PER_EPOCH / BATCH * lt
+    fastest = min(precisions, key=lambda p: out[f"step_seconds_lightning_{tag[p]}"])
+    out["lightning_vs_plain_ratio"] = min(out[f"lightning_vs_plain_ratio_{tag[p]}"] for p in precisions)
+    out["bf16_speedup"] = out["step_seconds_lightning_fp32"] / out["step_seconds_lightning_bf16"]
+    out["data_wait_fraction"] = max(out[f"data_wait_fraction_{tag[p]}"] for p in precisions)
+    out["seconds_per_epoch_2d"] = out[f"seconds_per_epoch_2d_{tag[fastest]}"]
+    out["seconds_per_epoch_2d_precision"] = fastest
+
+    if compile:
+        compiled = study_module(compile=True)
+        for p in precisions:
+            t0 = time.perf_counter()
+            lightning_arm(compiled, dm, p, 1)  # compiles for this precision
+            out[f"compile_seconds_{tag[p]}"] = time.perf_counter() - t0
+            times, _ = lightning_arm(compiled, dm, p, steps)
+            out[f"step_seconds_lightning_compiled_{tag[p]}"] = median(times)
+            out[f"mfu_compiled_{tag[p]}"] = flops / median(times) / peaks[p]
+            out[f"compile_speedup_{tag[p]}"] = out[f"step_seconds_lightning_{tag[p]}"] / median(times)
+            print(f"compiled {p}: {median(times):.3f} s/step", flush=True)
+
+    if multitask:
+        mdm = full_size_datamodule(subjects=subjects, organs=("liver", "kidneys", "pancreas", "spleen", "bladder"),
+                                   channels=("fat",))
+        mdm.prepare_data()
+        mdm.setup("fit")
+        mt = study_module(multitask=True)
+        for p in precisions[1:] if dev.type == "cpu" else precisions:  # fp32 takes ~45 s a step on 2 CPU cores
+            times, _ = lightning_arm(mt, mdm, p, max(steps - 1, 1))
+            out[f"step_seconds_multitask_{tag[p]}"] = median(times)
+            out[f"seconds_per_epoch_multitask_{tag[p]}"] = STUDY_SLICES_PER_EPOCH / BATCH * median(times)
+            print(f"multitask {p}: {median(times):.3f} s/step", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--subjects", type=int, default=50)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-multitask", action="store_true")
+    args = ap.parse_args()
+    print(json.dumps(run(args.steps, args.rounds, not args.no_compile, not args.no_multitask, args.subjects),
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
