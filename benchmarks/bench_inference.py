@@ -100,7 +100,8 @@ def run(slices: int = 252, repeats: int = 2, precision: str = "bf16-mixed", batc
     for name, stack in (("2d", 1), ("depth5", 5)):
         model = network(stack, dev)
 
-        def arms(z: int) -> dict:
+        def arms(z: int, model=model, stack=stack) -> dict:
+            """The three arms over the first z slices."""
             return {"ours": lambda: ours(model, image[:z], stack, batch, dev, precision),
                     "monai": lambda: monai(model, volume[..., :z], stack, batch, dev, precision),
                     "ours_unfolded": lambda: ours(model, image[:z], stack, batch, dev, precision, fold=False)}
