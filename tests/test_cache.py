@@ -29,7 +29,6 @@ def test_round_trip(tmp_path):
     assert labels.dtype == np.uint8
     for organ in ORGANS:
         np.testing.assert_array_equal((labels & organ_bit(organ)) > 0, subject.mask(organ).transpose(2, 0, 1) > 0)
-    np.testing.assert_array_equal(entry.image_slice(7), img[7].astype(np.float32))
     np.testing.assert_allclose(entry.landmarks, subject.landmarks)
     bits = entry.slice_bits
     assert bits[0] == 0 and bits[3] & organ_bit("liver") and not bits[3] & organ_bit("bladder")

@@ -62,3 +62,38 @@ def test_random_crop_keeps_image_mask_and_map_aligned(entry):
 def test_2d_items_keep_their_shapes(entry):
     item = dataset(entry)[3]
     assert item["image"].shape == (2, 32, 32) and item["distance"].shape == (1, 32, 32)
+
+
+def test_batched_fetch_gathers_several_bodies_in_order(tmp_path):
+    """The DataLoader's batched fetch (``__getitems__``: one memory-mapped gather per body) returns what collating
+    the items one by one returns, for positions from several bodies of different sizes in any order, and each
+    sample holds its own slice of its own body."""
+    from landmark_unet.data.slices import collate
+
+    entries = []
+    for name, shape in (("a", (20, 18, 16)), ("b", (24, 14, 12))):
+        d = write_toy_subject(tmp_path / "data", name, shape=shape)
+        files = tuple(str(p) for p in sorted(d.rglob("*")) if p.is_file())
+        entries += build_cache([CacheJob(name, files, lambda d=d: read_folder_subject(d))], tmp_path / "cache")
+    index = slice_index(entries, ["liver"], organ_slices_only=False)
+    ds = SliceDataset(entries, [3, 7], index, [1, 0], ["liver", "kidneys"], (32, 32), stack=5)
+    positions = [20, 2, 27, 0, 15, 16]  # b, a, b, a, a (last slice), b (first slice)
+    loader = torch.utils.data.DataLoader(ds, batch_size=len(positions), sampler=positions, collate_fn=collate)
+    batch = next(iter(loader))
+    expected = torch.utils.data.default_collate([ds[i] for i in positions])
+    assert batch.keys() == expected.keys()
+    for key in batch:
+        assert torch.equal(batch[key], expected[key]), key
+    for i, p in enumerate(positions):
+        e, k = index[p]
+        entry = entries[e]
+        x, y, z = entry.shape
+        assert int(batch["subject"][i]) == [3, 7][e] and int(batch["slice"][i]) == k
+        assert batch["size"][i].tolist() == [x, y]
+        middle = entry.image_volume()[k][[1, 0]].astype(np.float32)  # channels in the order asked for
+        np.testing.assert_array_equal(batch["image"][i, :, 2, :x, :y].numpy(), middle)
+        assert not batch["image"][i, :, :, x:].any() and not batch["image"][i, :, :, :, y:].any()
+        below = entry.image_volume()[max(k - 2, 0)][[1, 0]].astype(np.float32)
+        np.testing.assert_array_equal(batch["image"][i, :, 0, :x, :y].numpy(), below)
+        labels = entry.label_volume()[k]
+        np.testing.assert_array_equal(batch["mask"][i, 0, :x, :y].numpy(), (labels & 1) > 0)

@@ -123,31 +123,6 @@ class CacheEntry:
     def _open(self, name: str) -> np.ndarray:
         return np.load(self.path / name, mmap_mode="r")
 
-    def image_slice(self, k: int, channels: Sequence[int] | None = None) -> np.ndarray:
-        """Axial slice ``k`` as float32 (C', X, Y) for the channel indices ``channels`` (all when None)."""
-        arr = self._open("image.npy")[k]
-        if channels is not None:
-            arr = arr[list(channels)]
-        return np.array(arr, dtype=np.float32)
-
-    def image_stack(self, ks: Sequence[int], channels: Sequence[int] | None = None) -> np.ndarray:
-        """Axial slices ``ks`` as float32 (C', len(ks), X, Y)."""
-        arr = self._open("image.npy")[np.asarray(ks)]  # (D, C, X, Y)
-        if channels is not None:
-            arr = arr[:, list(channels)]
-        return np.ascontiguousarray(arr.transpose(1, 0, 2, 3), dtype=np.float32)
-
-    def label_slice(self, k: int) -> np.ndarray:
-        """Axial slice ``k`` of the packed labels, uint8 (X, Y)."""
-        return np.array(self._open("labels.npy")[k])
-
-    def distance_stack(self, key: str, ks: Sequence[int]) -> np.ndarray:
-        """Axial slices ``ks`` of the distance maps cached under ``key``, float32 (L, len(ks), X, Y), read with one
-        open (one in-plane map for every slice when the maps were made with ``space=plane``)."""
-        arr = self._open(f"distance-{key}.npy")
-        idx = np.asarray(ks) if arr.shape[0] > 1 else np.zeros(len(ks), dtype=np.int64)
-        return np.ascontiguousarray(arr[idx].transpose(1, 0, 2, 3), dtype=np.float32)
-
     def distance_volume(self, key: str) -> np.ndarray:
         """The distance maps cached under ``key``, float32 (Z', L, X, Y) (memory-mapped, read-only)."""
         return self._open(f"distance-{key}.npy")
@@ -168,7 +143,7 @@ def distance_key(settings: dict) -> str:
 
 def ensure_distance_maps(entry: CacheEntry, settings: dict) -> str:
     """Compute the distance maps of ``entry`` for ``settings`` once and cache them beside its image; returns the
-    key for :meth:`CacheEntry.distance_stack`.
+    key for :meth:`CacheEntry.distance_volume`.
 
     ``settings`` are the keyword arguments of :func:`landmark_unet.landmarks.distance.subject_maps`.
 

@@ -32,6 +32,7 @@ from landmark_unet.data.slices import (
     EvalShardSampler,
     ForegroundOversampler,
     SliceDataset,
+    collate,
     padded_size,
     slice_index,
 )
@@ -325,6 +326,7 @@ class SliceDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=False,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:

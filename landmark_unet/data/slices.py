@@ -107,34 +107,65 @@ class SliceDataset(Dataset):
         return x0, y0, h, w
 
     def __getitem__(self, i: int) -> dict:
-        e, k = (int(v) for v in self.index[i])
-        entry = self.entries[e]
-        ks = self._slices(k, entry.shape[2])
-        labels = entry.label_slice(k)
-        x, y = labels.shape
-        x0, y0, h, w = self._window(x, y)
-        vx, vy = min(x - x0, h), min(y - y0, w)  # valid extent inside the window
-        if self.stack == 1:
-            image = entry.image_slice(k, self.channels)[:, None]  # (C, 1, X, Y)
-        else:
-            image = entry.image_stack(ks, self.channels)  # (C, D, X, Y)
-        img = np.zeros((len(self.channels), self.stack, h, w), np.float32)
-        img[:, :, :vx, :vy] = image[:, :, x0:x0 + vx, y0:y0 + vy]
-        mask = np.zeros((len(self.bits), h, w), np.float32)
-        mask[:, :vx, :vy] = (labels[None, x0:x0 + vx, y0:y0 + vy] & self.bits[:, None, None]) > 0
-        item = {
-            "image": torch.from_numpy(img[:, 0] if self.stack == 1 else img),
-            "mask": torch.from_numpy(mask),
-            "subject": self.subject_ids[e],
-            "slice": k,
-            "size": torch.tensor([vx, vy], dtype=torch.int64),
-        }
-        if self.distance_key is not None:
-            dist = entry.distance_stack(self.distance_key, ks)  # (L, D, X, Y)
-            padded = np.zeros((dist.shape[0], self.stack, h, w), np.float32)
-            padded[:, :, :vx, :vy] = dist[:, :, x0:x0 + vx, y0:y0 + vy]
-            item["distance"] = torch.from_numpy(padded[:, 0] if self.stack == 1 else padded)
+        batch = self.__getitems__([i])
+        item = {key: value[0] for key, value in batch.items()}
+        item["subject"], item["slice"] = int(item["subject"]), int(item["slice"])
         return item
+
+    def __getitems__(self, positions: Sequence[int]) -> dict:
+        """The samples at ``positions``, already collated into one batch (the DataLoader's batched fetch; the
+        DataModule's loaders pass it through :func:`collate`): the fields of :class:`SliceDataset`, each with a
+        leading batch axis. Each body's slices are read with one gather from its memory-mapped cache files, so a
+        batch costs one file open per body and array, not one per sample; equal to collating ``self[i]`` one by
+        one (random crops are drawn in the order of ``positions``)."""
+        rows = self.index[np.asarray(positions, dtype=np.int64)]
+        n, c, s, k = len(rows), len(self.channels), self.stack, len(self.bits)
+        shapes = [self.entries[e].shape for e in rows[:, 0]]
+        windows = [self._window(x, y) for x, y, _ in shapes]
+        h, w = windows[0][2:] if windows else self.size
+        image = np.zeros((n, c, s, h, w), np.float32)
+        mask = np.zeros((n, k, h, w), np.float32)
+        size = np.zeros((n, 2), np.int64)
+        distance = None
+        for e in np.unique(rows[:, 0]):
+            at = np.flatnonzero(rows[:, 0] == e)
+            entry = self.entries[e]
+            ks = np.stack([self._slices(int(kk), entry.shape[2]) for kk in rows[at, 1]])  # (m, S)
+            needed, where = np.unique(ks, return_inverse=True)
+            where = where.reshape(ks.shape)
+            slices = entry.image_volume()[needed][:, self.channels]  # (U, C, X, Y): one read per body
+            labels = entry.label_volume()[rows[at, 1]]  # (m, X, Y)
+            maps = None
+            if self.distance_key is not None:
+                volume = entry.distance_volume(self.distance_key)  # (Z', L, X, Y), Z' = 1 for in-plane maps
+                maps = volume[needed] if volume.shape[0] > 1 else volume[np.zeros(len(needed), np.int64)]
+                if distance is None:
+                    distance = np.zeros((n, maps.shape[1], s, h, w), np.float32)
+            for j, i in enumerate(at):
+                x0, y0, _, _ = windows[i]
+                vx, vy = min(shapes[i][0] - x0, h), min(shapes[i][1] - y0, w)
+                region = (slice(x0, x0 + vx), slice(y0, y0 + vy))
+                image[i, :, :, :vx, :vy] = slices[where[j]].transpose(1, 0, 2, 3)[(..., *region)]
+                mask[i, :, :vx, :vy] = (labels[j][region][None] & self.bits[:, None, None]) > 0
+                if maps is not None:
+                    distance[i, :, :, :vx, :vy] = maps[where[j]].transpose(1, 0, 2, 3)[(..., *region)]
+                size[i] = vx, vy
+        batch = {
+            "image": torch.from_numpy(image[:, :, 0] if s == 1 else image),
+            "mask": torch.from_numpy(mask),
+            "subject": torch.as_tensor([self.subject_ids[e] for e in rows[:, 0]], dtype=torch.int64),
+            "slice": torch.from_numpy(rows[:, 1].copy()),
+            "size": torch.from_numpy(size),
+        }
+        if distance is not None:
+            batch["distance"] = torch.from_numpy(distance[:, :, 0] if s == 1 else distance)
+        return batch
+
+
+def collate(batch):
+    """DataLoader ``collate_fn``: a :class:`SliceDataset` batch arrives collated (``__getitems__``); anything else
+    goes through torch's default collation."""
+    return batch if isinstance(batch, dict) else torch.utils.data.default_collate(batch)
 
 
 class ForegroundOversampler(torch.utils.data.Sampler[int]):
