@@ -27,13 +27,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import device, device_name, matmul_peak, median, sync
+from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, median, sync
 from landmark_unet.inference import autocast, predict_volume
 from landmark_unet.lit.segmentation import SegmentationModule
 from landmark_unet.models.unet2d import UNet2d
 from landmark_unet.models.unet3d import UNet3d
-
-PEAK_DTYPE = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def network(stack: int, dev: torch.device) -> SegmentationModule:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import device, device_name, full_size_datamodule, matmul_peak, median, sync
+from benchmarks.common import PEAK_DTYPE, device, device_name, full_size_datamodule, matmul_peak, median, sync
 from landmark_unet.config import quiet_third_party
 from landmark_unet.inference import autocast
 from landmark_unet.lit.segmentation import SegmentationModule
@@ -45,7 +45,6 @@ from landmark_unet.models.unet2d import UNet2d
 
 STUDY_SLICES_PER_EPOCH = 800
 BATCH = 10
-PEAK_DTYPE = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def rmsprop():

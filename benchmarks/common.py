@@ -8,6 +8,7 @@ import time
 import torch
 
 FULL_SIZE = {"shape": [256, 256, 252], "fov_mm": [480.0, 480.0, 1008.0]}
+PEAK_DTYPE = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # by precision
 
 
 def device() -> torch.device:
