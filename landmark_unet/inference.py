@@ -146,12 +146,12 @@ def predict_cached(model: nn.Module, datamodule, part: str, device: torch.device
     """
     from tqdm import tqdm
 
-    model = model.eval().to(device)
+    model = fold_batchnorm(model.eval().to(device))  # once, not once per body
     for name in tqdm(datamodule.split[part], desc=part, unit="body", disable=not progress, leave=False):
         entry = datamodule.entries[name]
         image = np.asarray(entry.image_volume()[:, datamodule.channel_index])
         distance = entry.distance_volume(datamodule.distance_key) if datamodule.fusion != "none" else None
         prob = predict_volume(model, image, distance, stack=datamodule.stack, batch_size=datamodule.eval_batch_size,
                               size=datamodule.size, pad_multiple=datamodule.pad_multiple, device=device,
-                              precision=precision)
+                              precision=precision, fold=False)
         yield name, prob, np.asarray(entry.label_volume()).transpose(1, 2, 0), np.asarray(entry.meta["spacing"])

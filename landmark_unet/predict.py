@@ -36,7 +36,7 @@ from landmark_unet.data.nifti import save_nifti
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.data.sources import CaseImages, case_landmarks
 from landmark_unet.errors import InputError, exit_on_input_error
-from landmark_unet.inference import predict_volume
+from landmark_unet.inference import fold_batchnorm, predict_volume
 from landmark_unet.landmarks.distance import subject_maps
 from landmark_unet.postprocess import largest_components
 from landmark_unet.runinfo import run_postprocess
@@ -49,7 +49,7 @@ class Predictor:
     """A trained model with the preprocessing of its run.
 
     Attributes:
-        model: the LightningModule, in eval mode on ``device``.
+        model: the LightningModule, in eval mode on ``device``, its BatchNorm folded (``inference.fold_batchnorm``).
         organs: organ of each output channel.
         channels: image channels the model reads.
         run: the run's data settings (``normalisation``, ``modality``, ``spacing``, ``stack``, ``fusion``, ...).
@@ -76,7 +76,7 @@ class Predictor:
         cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
         device = torch.device("cuda" if cuda else "cpu")
         precision = "32-true" if device.type == "cpu" and precision == "auto" else str(resolve_precision(precision))
-        return cls(model=model.eval().to(device), organs=list(data["organs"]), channels=list(data["channels"]),
+        return cls(model=fold_batchnorm(model.eval().to(device)), organs=list(data["organs"]), channels=list(data["channels"]),
                    run=data, device=device, precision=precision,
                    threshold=float(threshold if threshold is not None else run_cfg.model.get("threshold", 0.5)),
                    batch_size=batch_size, tta=tta, postprocess=run_postprocess(run_dir))
@@ -107,7 +107,8 @@ class Predictor:
             distance = subject_maps(points, normalised.shape[1:], spacing, **settings)
         prob = predict_volume(self.model, normalised.transpose(3, 0, 1, 2), distance, stack=int(run.get("stack", 1)),
                               pad_multiple=int(run.get("pad_multiple", 16)), device=self.device,
-                              precision=self.precision, progress=progress, batch_size=self.batch_size, tta=self.tta)
+                              precision=self.precision, progress=progress, batch_size=self.batch_size, tta=self.tta,
+                              fold=False)
         if target:
             prob = np.clip(geometry.resample_to(prob, target, geometry.spacing_of(images.affine), canonical_shape), 0, 1)
         prob = geometry.from_canonical(prob, images.source_affine)
