@@ -1,9 +1,11 @@
-"""Checkpoints of training runs: the run's config beside them, and their weights loaded without executing code."""
+"""Checkpoints of training runs: the run's config beside them, a signature of what their weights mean, and their
+weights loaded without executing code (``torch.load(weights_only=True)``) after checking they fit."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -27,21 +29,81 @@ def load_run_config(ckpt: Path) -> tuple[DictConfig, Path]:
     return OmegaConf.load(path), run_dir
 
 
-def load_weights(model: nn.Module, ckpt: Path) -> None:
-    """Load the state dict of a Lightning checkpoint into ``model`` (``weights_only``: no code from the file runs).
+SIGNATURE_KEY = "landmark_unet"  # the entry of a checkpoint that says what its weights mean
+
+
+def signature(cfg: DictConfig) -> dict:
+    """What the weights of a run's checkpoints mean: network class, fusion, image channels, organs, stack depth and
+    landmark-map channels, from its composed config. Stored in every checkpoint (:class:`SignatureCallback`)."""
+    net = cfg.model.net
+    return {"network": str(net._target_).rsplit(".", 1)[-1], "fusion": str(cfg.fusion.mode),
+            "channels": [str(c) for c in cfg.data.channels], "organs": [str(o) for o in cfg.data.organs],
+            "stack": int(cfg.data.get("stack") or 1), "map_channels": int(net.get("map_channels", 1))}
+
+
+class SignatureCallback(pl.Callback):
+    """Writes the run's :func:`signature` into every checkpoint under :data:`SIGNATURE_KEY`."""
+
+    def __init__(self, signature: dict):
+        self.signature = dict(signature)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[SIGNATURE_KEY] = dict(self.signature)
+
+
+def read_checkpoint(ckpt: Path) -> dict:
+    """A Lightning checkpoint, loaded with ``weights_only=True``: tensors and plain containers only, so no code
+    stored in the file can run.
+
+    Raises:
+        InputError: missing, truncated or otherwise unreadable file, or not a Lightning checkpoint.
+    """
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise InputError(ckpt, "checkpoint file is missing")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is bad input
+        reason = str(err).strip().splitlines()[0][:100] if str(err).strip() else err.__class__.__name__
+        raise InputError(ckpt, f"cannot read checkpoint (truncated, corrupt or not a torch file: {reason})") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise InputError(ckpt, "not a Lightning checkpoint (no state_dict)")
+    return state
+
+
+def check_checkpoint(ckpt: Path, state: dict, expected: dict, model: nn.Module) -> None:
+    """Refuse a checkpoint whose weights mean something else than ``model`` of a run with signature ``expected``:
+    another network, fusion, channels, organs, stack or map channels (its signature), or, for a checkpoint without
+    one, other parameter names or shapes.
+
+    Raises:
+        InputError: naming each difference.
+    """
+    found = state.get(SIGNATURE_KEY)
+    if isinstance(found, dict):
+        diffs = [f"{k} {found.get(k)!r} (this run: {v!r})" for k, v in expected.items() if found.get(k) != v]
+        if diffs:
+            raise InputError(ckpt, "checkpoint of another model: " + "; ".join(diffs))
+    own = model.state_dict()
+    theirs = state["state_dict"]
+    missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+    if missing or unexpected:
+        raise InputError(ckpt, f"checkpoint of another model ({len(missing)} missing, {len(unexpected)} unexpected "
+                               f"weights{', e.g. ' + (missing or unexpected)[0] if missing or unexpected else ''})")
+    shapes = [k for k in own if tuple(own[k].shape) != tuple(theirs[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise InputError(ckpt, f"checkpoint of another model ({len(shapes)} weights of other shapes, e.g. {k} "
+                               f"{tuple(theirs[k].shape)}, this model {tuple(own[k].shape)})")
+
+
+def load_weights(model: nn.Module, ckpt: Path, expected: dict | None = None) -> None:
+    """Load the weights of a Lightning checkpoint into ``model`` (``weights_only``: no code from the file runs),
+    after :func:`check_checkpoint` against the signature ``expected`` of the model's run.
 
     Raises:
         InputError: unreadable file, not a Lightning checkpoint, or weights of another model.
     """
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is bad input
-        raise InputError(ckpt, f"cannot read checkpoint ({err.__class__.__name__})") from None
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise InputError(ckpt, "not a Lightning checkpoint (no state_dict)")
-    try:
-        missing, unexpected = model.load_state_dict(state["state_dict"], strict=False)
-    except RuntimeError as err:  # same names, other shapes
-        raise InputError(ckpt, f"does not fit the model of its run ({str(err).splitlines()[1].strip()[:120]})") from None
-    if missing or unexpected:
-        raise InputError(ckpt, f"does not fit the model of its run ({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    state = read_checkpoint(ckpt)
+    check_checkpoint(ckpt, state, expected or {}, model)
+    model.load_state_dict(state["state_dict"])

@@ -21,7 +21,10 @@ class InputError(Exception):
     def __init__(self, where: object, problem: str):
         self.where = str(where)
         self.problem = problem
-        super().__init__(f"{self.where}: {problem}")
+        super().__init__(self.where, problem)  # args that rebuild it: it crosses processes (submitit) by pickle
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem}"
 
 
 class MissingLandmarksError(InputError):

@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from landmark_unet.checkpoint import load_run_config, load_weights
+from landmark_unet.checkpoint import load_run_config, load_weights, signature
 from landmark_unet.config import quiet_third_party, resolve_precision
 from landmark_unet.data import geometry
 from landmark_unet.data.layouts import LabelPart, labelled_organs, list_cases
@@ -69,7 +69,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     datamodule = instantiate(run_cfg.data)
     datamodule.setup("test")
     model = instantiate(run_cfg.model)
-    load_weights(model, ckpt)
+    load_weights(model, ckpt, signature(run_cfg))
     precision = resolve_precision(cfg.precision)
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, precision=precision,
                          logger=False, enable_checkpointing=False, enable_progress_bar=bool(cfg.progress))

@@ -1,13 +1,22 @@
-"""How this training process was launched: DDP rank launch checks and GPU pinning of parallel local jobs."""
+"""How this training process was launched: DDP rank launch checks, GPU pinning of parallel local jobs, and what a
+failure does (a single run exits, a multirun job records it and lets the sweep go on)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
 
 from omegaconf import DictConfig
 
-from landmark_unet.errors import InputError
+from landmark_unet.data.nifti import atomic_write_bytes
+from landmark_unet.errors import InputError, exit_on_input_error
+
+FAILURE_FILE = "failure.json"
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +30,11 @@ def _hydra_job() -> tuple[bool, int]:
         return False, 0
     hc = HydraConfig.get()
     return hc.mode == RunMode.MULTIRUN, int(hc.job.get("num", 0) or 0)
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun."""
+    return _hydra_job()[0]
 
 
 def _devices(cfg: DictConfig):
@@ -57,3 +71,35 @@ def pin_local_job_gpu(cfg: DictConfig) -> int | None:
     os.environ["CUDA_VISIBLE_DEVICES"] = chosen
     log.info("submitit_local job %d pinned to GPU %s of %s", job, chosen, ",".join(visible))
     return int(chosen) if chosen.isdigit() else None
+
+
+@contextlib.contextmanager
+def job_guard(run_dir: str | Path) -> Iterator[None]:
+    """How a run fails. A single run: bad input exits with one line and code 2 (:func:`exit_on_input_error`).
+    A job of a multirun: any error is written to ``<run_dir>/failure.json`` (one-line ``error``, ``type`` and
+    ``traceback``) and to the job's log, then re-raised for Hydra to mark the job failed, so that the sweep goes
+    on with its other jobs (the ``grid`` sweeper lists the failures at the end, the report lists the run). A
+    failure.json left by an earlier attempt of the job is removed when it starts again."""
+    if not in_multirun():
+        with exit_on_input_error():
+            yield
+        return
+    failure = Path(run_dir) / FAILURE_FILE
+    failure.unlink(missing_ok=True)
+    try:
+        yield
+    except Exception as err:
+        line = f"{err}" if isinstance(err, InputError) else f"{err.__class__.__name__}: {err}"
+        log.error("job failed: %s", line, exc_info=not isinstance(err, InputError))
+        record = {"error": line.splitlines()[0] if line.strip() else err.__class__.__name__,
+                  "type": err.__class__.__name__, "traceback": traceback.format_exc()}
+        atomic_write_bytes(failure, json.dumps(record, indent=2).encode())
+        raise
+
+
+def read_failure(run_dir: str | Path) -> str | None:
+    """The one-line error of a failed multirun job (its failure.json), or None."""
+    try:
+        return str(json.loads((Path(run_dir) / FAILURE_FILE).read_text())["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -9,8 +9,9 @@ landmarks.txt (or ``landmarks=FILE``), else TotalSegmentator femur masks, else t
 
 Writes ``<case>_<organ>.nii.gz`` (uint8 0/1) per organ, or with ``labelmap=true`` one ``<case>.nii.gz`` (1 liver,
 2 kidneys, 3 pancreas, 4 spleen, 5 bladder; where organs overlap, the most probable wins), and with
-``probabilities=true`` ``<case>_<organ>_prob.nii.gz`` (float32). Every file is written under a temporary name and
-renamed into place: an interrupted run leaves only complete files.
+``probabilities=true`` ``<case>_<organ>_prob.nii.gz`` (float32). A case's files are all encoded before the first is
+written, and each is written under a temporary name and renamed into place: an interrupted run leaves complete
+files of the cases it finished (and at most the renaming of one case's files half done), never a truncated file.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from landmark_unet.checkpoint import load_run_config, load_weights
+from landmark_unet.checkpoint import load_run_config, load_weights, signature
 from landmark_unet.config import quiet_third_party, resolve_precision
 from landmark_unet.data import geometry
 from landmark_unet.data.cache import CT_WINDOW, normalise_image, resolve_normalisation
 from landmark_unet.data.datamodule import MAP_KEYS
 from landmark_unet.data.layouts import Case, input_cases
-from landmark_unet.data.nifti import save_nifti
+from landmark_unet.data.nifti import atomic_write_bytes, nifti_bytes
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.data.sources import CaseImages, case_landmarks
 from landmark_unet.errors import InputError, exit_on_input_error
@@ -71,7 +72,7 @@ class Predictor:
                         threshold: float | None = None, batch_size: int = 16, tta: bool = False) -> Predictor:
         run_cfg, run_dir = load_run_config(ckpt)
         model = instantiate(run_cfg.model)
-        load_weights(model, ckpt)
+        load_weights(model, ckpt, signature(run_cfg))
         data = OmegaConf.to_container(run_cfg.data, resolve=True)
         cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
         device = torch.device("cuda" if cuda else "cpu")
@@ -163,9 +164,10 @@ def predict(cfg: DictConfig) -> list[Path]:
         with tqdm(desc=case.name, unit="slice", disable=not cfg.progress, leave=False) as bar:
             prob, images = predictor.probabilities(case, progress=bar.update)
         masks = predictor.masks(prob)
-        for name, array in outputs_of(case.name, prob, masks, predictor.organs, bool(cfg.labelmap),
-                                      bool(cfg.probabilities)).items():
-            save_nifti(out / name, array, images.source_affine)
+        files = {name: nifti_bytes(array, images.source_affine) for name, array in
+                 outputs_of(case.name, prob, masks, predictor.organs, bool(cfg.labelmap), bool(cfg.probabilities)).items()}
+        for name, data in files.items():  # every file of the case encoded first: a kill leaves whole cases
+            atomic_write_bytes(out / name, data)
             written.append(out / name)
         voxel_ml = float(abs(np.linalg.det(images.source_affine[:3, :3]))) / 1000.0
         volumes = ", ".join(f"{o} {float(masks[k].sum()) * voxel_ml:.1f} ml"

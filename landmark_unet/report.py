@@ -36,11 +36,12 @@ from omegaconf import OmegaConf
 from landmark_unet.data.nifti import atomic_write_bytes
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.errors import InputError, exit_on_input_error
+from landmark_unet.launch import read_failure
 from landmark_unet.runinfo import saved_overrides
 from landmark_unet.stats import bootstrap_ci, holm, paired
 
 IGNORED_KEYS = ("organ", "data.split.round", "experiment", "hydra.", "paths.", "trainer.enable_progress_bar",
-                "callbacks.progress", "data.num_workers")
+                "callbacks.progress", "data.num_workers", "resume", "ckpt_path", "skip_done")
 
 
 def setting_of(overrides: list[str]) -> str:
@@ -121,7 +122,8 @@ def collect(dirs: list[Path], baseline: str | None = None) -> dict[str, Table]:
         table = tables[name]
         metrics_path = run / "metrics.json"
         if not metrics_path.exists():
-            table.missing.append(" ".join(overrides) or str(run))
+            failure = read_failure(run)
+            table.missing.append((" ".join(overrides) or str(run)) + (f" (failed: {failure})" if failure else ""))
             continue
         try:
             metrics = json.loads(metrics_path.read_text())

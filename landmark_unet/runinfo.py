@@ -45,18 +45,28 @@ def checkpoint_callback(trainer: pl.Trainer) -> pl.callbacks.ModelCheckpoint | N
     return trainer.checkpoint_callback
 
 
-def versions() -> dict[str, str]:
-    import hydra
-    import numpy
-    import torch
+PACKAGES = ("torch", "pytorch_lightning", "hydra-core", "omegaconf", "torchmetrics", "numpy", "scipy", "nibabel",
+            "monai", "landmark_unet")
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "lightning": pl.__version__,
-            "hydra": hydra.__version__, "numpy": numpy.__version__}
+
+def versions() -> dict[str, str]:
+    """Python, the packages a run's numbers depend on, and the git commit of the code (with ``git_dirty`` when
+    the working tree had uncommitted changes), where the package runs from a git checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            info[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    repo = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent)
-        if commit.returncode == 0:
-            info["git_commit"] = commit.stdout.strip()
+        git = [subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=repo)
+               for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])]
+        if git[0].returncode == 0:
+            info["git_commit"] = git[0].stdout.strip()
+            info["git_dirty"] = bool(git[1].stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
     return info

@@ -3,10 +3,15 @@
 Builds data, model, callbacks, logger and trainer from the Hydra config, fits, tests the best checkpoint on the
 held-out bodies and writes ``metrics.json`` into the run directory (with ``checkpoints/``, ``tb/`` and
 ``splits.json`` beside it). Returns the best validation Dice (a sweeper's objective: never the test bodies).
+
+Interrupted runs continue with ``ckpt_path=last`` or ``resume=auto``; a re-launched sweep skips finished runs with
+``skip_done=true`` (:mod:`landmark_unet.resume`). Inside a multirun a failing job is recorded in its folder and the
+sweep goes on (:func:`landmark_unet.launch.job_guard`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -16,11 +21,12 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from landmark_unet.checkpoint import SignatureCallback, check_checkpoint, read_checkpoint, signature
 from landmark_unet.config import quiet_third_party, resolve_precision, validate
-from landmark_unet.errors import exit_on_input_error
-from landmark_unet.launch import check_ddp_launch, pin_local_job_gpu
-from landmark_unet.lit.callbacks import EpochTimer, MetricHistory
+from landmark_unet.launch import check_ddp_launch, in_multirun, job_guard, pin_local_job_gpu
+from landmark_unet.lit.callbacks import EpochSeed, EpochTimer, MetricHistory
 from landmark_unet.postprocess import choose_on_validation
+from landmark_unet.resume import is_done, resolve_start
 from landmark_unet.runinfo import checkpoint_callback, run_overrides, summary_lines, write_metrics
 
 log = logging.getLogger(__name__)
@@ -32,24 +38,36 @@ def train(cfg: DictConfig) -> dict:
     validate(cfg)
     check_ddp_launch(cfg)
     pin_local_job_gpu(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out = Path(cfg.paths.output_dir)
+    if cfg.get("skip_done") and is_done(out):
+        log.info("skip_done: %s is finished, not training it again", out)
+        return json.loads((out / "metrics.json").read_text())
+    start = resolve_start(out, cfg.get("ckpt_path"), cfg.get("resume"), run_overrides(), look_beside=not in_multirun())
+    if start.run_dir != out:  # continue the unfinished run in its own folder
+        cfg.paths.output_dir = str(start.run_dir)
+        out = start.run_dir
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # read and validate the data before anything is written to the run
     model = instantiate(cfg.model)
+    run_signature = signature(cfg)
+    if start.checkpoint is not None:  # refuse another model's checkpoint before Lightning half-loads it
+        check_checkpoint(start.checkpoint, read_checkpoint(start.checkpoint), run_signature, model)
     timer, history = EpochTimer(), MetricHistory()
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None] + [timer, history]
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    callbacks += [timer, history, EpochSeed(cfg.seed), SignatureCallback(run_signature)]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger, precision=resolve_precision(cfg.trainer.precision)
     )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=start.checkpoint, weights_only=True)
+    curves = history.history  # testing the best checkpoint below restores that epoch's callback states
 
     ckpt = checkpoint_callback(trainer)
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
-    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False)
+    trainer.test(model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     postprocess = None
     if cfg.get("postprocess") and trainer.is_global_zero:  # the model now holds the tested (best) weights
         postprocess = choose_on_validation(model, datamodule, trainer.strategy.root_device, str(trainer.precision))
@@ -66,8 +84,10 @@ def train(cfg: DictConfig) -> dict:
             "wall_seconds": time.perf_counter() - t0,
             "overrides": run_overrides(),
             "precision": str(trainer.precision),
-            "history": history.history,
+            "history": curves,
             "postprocess": postprocess,
+            "resumed_from": None if start.checkpoint is None else str(start.checkpoint),
+            "data_fingerprint": datamodule.data_fingerprint(),
         },
     )
     if trainer.is_global_zero:
@@ -79,7 +99,7 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     quiet_third_party()
-    with exit_on_input_error():
+    with job_guard(cfg.paths.output_dir):
         metrics = train(cfg)
         best = metrics["best_val_dice_mean"]
         return float("nan") if best is None else float(best)

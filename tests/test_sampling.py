@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from landmark_unet.data.slices import ForegroundOversampler
+from landmark_unet.data.slices import EpochShuffle, ForegroundOversampler
 
 
 def test_oversampler_fraction_and_determinism():
@@ -27,3 +27,22 @@ def test_default_epoch_length_keeps_the_organ_slice_count():
 def test_bad_fraction(fraction):
     with pytest.raises(ValueError):
         ForegroundOversampler(np.arange(3), total=10, fraction=fraction)
+
+
+@pytest.mark.parametrize("make", [lambda **kw: EpochShuffle(50, seed=3, **kw),
+                                  lambda **kw: ForegroundOversampler(np.arange(5), total=50, fraction=0.5, seed=3, **kw)])
+def test_epoch_draw_depends_on_seed_and_epoch_only(make):
+    """A resumed run builds a fresh sampler at its epoch: it must draw what the long-running sampler drew then."""
+    running = make()
+    epochs = []
+    for e in range(3):
+        running.set_epoch(e)  # as Lightning does before each training epoch
+        epochs.append(list(running))
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert list(make(epoch=2)) == epochs[2]
+    unset = make()  # without set_epoch (a DDP-wrapped sampler) the epoch counts up per pass
+    assert [list(unset) for _ in range(3)] == epochs
+
+
+def test_shuffle_is_a_permutation():
+    assert sorted(EpochShuffle(40, seed=0)) == list(range(40))

@@ -112,9 +112,41 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path):
 
 def test_ddp_in_a_local_multirun_is_refused_with_one_line(tmp_path):
     proc = _multirun(tmp_path, "trainer=ddp", "seed=0,1", timeout=300)
-    assert proc.returncode == 2
-    assert "error: trainer.strategy: ddp on 2 devices inside a multirun" in proc.stderr
+    assert proc.returncode == 1, proc.stderr[-2000:]  # every job failed, and the sweep says so
+    assert "2 of 2 jobs failed" in proc.stderr
+    assert proc.stderr.count("trainer.strategy: ddp on 2 devices inside a multirun") == 2
     assert "Traceback" not in proc.stderr
+    for job in (tmp_path / "sweep").glob("*_seed=*"):
+        assert "ddp on 2 devices" in json.loads((job / "failure.json").read_text())["error"]
+
+
+def test_a_failed_job_does_not_stop_the_sweep_and_a_relaunch_skips_the_done_ones(tmp_path):
+    """organ=heart fails (bad input) between two good jobs: the others still run, the failure is listed by the sweep
+    and by the report; re-launched into the same folder with skip_done=true, the finished jobs are not trained again
+    and the failure is still reported."""
+    proc = _multirun(tmp_path, "organ=liver,heart,spleen")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1 of 3 jobs failed" in proc.stderr
+    line = next(ln for ln in proc.stderr.splitlines() if ln.strip().startswith("job 1 (1_"))
+    assert "organ=heart" in line and line.endswith("): organ: unknown organ 'heart' (choose from liver, kidneys, "
+                                                   "pancreas, spleen, bladder, all)")
+    sweep = tmp_path / "sweep"
+    done = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json")}
+    assert sorted(n.split("_", 1)[0] for n in done) == ["0", "2"]
+    failed = next(sweep.glob("1_*"))
+    assert "unknown organ 'heart'" in json.loads((failed / "failure.json").read_text())["error"]
+
+    again = _multirun(tmp_path, "organ=liver,heart,spleen", "skip_done=true")
+    assert again.returncode == 1 and "1 of 3 jobs failed" in again.stderr
+    assert {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json")} == done  # not retrained
+    assert again.stdout.count("skip_done") + again.stderr.count("skip_done") >= 2
+
+    rep = subprocess.run([sys.executable, "-m", "landmark_unet.report", str(sweep), "--no-plots"],
+                         capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr
+    md = (sweep / "report.md").read_text()
+    listed = [ln for ln in md.splitlines() if "(failed: organ: unknown organ 'heart'" in ln]
+    assert len(listed) == 1 and "organ=heart" in listed[0]
 
 
 def test_optuna_search_config_composes():

@@ -14,14 +14,28 @@ say)::
           - [organ=liver]
           - [organ=kidneys]
 
-Without ``rows`` it is exactly Hydra's basic sweeper. Jobs run row by row, the grid varying fastest.
-Selected with ``hydra/sweeper=grid`` (conf/hydra/sweeper/grid.yaml), as the table experiments do.
+Jobs run row by row, the grid varying fastest. Unlike Hydra's basic sweeper, a failed job does not stop the sweep:
+every job runs, and at the end the failed ones are listed (their errors are in each job's failure.json, see
+:func:`landmark_unet.launch.job_guard`) and the command exits with code 1. A sweep re-launched into its folder
+(``hydra.sweep.dir=...``) with ``skip_done=true`` skips the jobs that finished. The default sweeper of
+``landmark_unet.train`` (conf/train.yaml).
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
+from pathlib import Path
+
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
 from hydra.errors import HydraException
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+EXIT_JOBS_FAILED = 1
 
 
 def _key(override: str) -> str:
@@ -62,3 +76,44 @@ class GridSweeper(BasicSweeper):
         if not max_batch_size or max_batch_size < 0:
             return [jobs]
         return [jobs[i:i + max_batch_size] for i in range(0, len(jobs), max_batch_size)]
+
+    def sweep(self, arguments: list[str]):  # noqa: D102 - BasicSweeper.sweep, going on past failed jobs
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        params = self._parse_config() + list(arguments)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        self.overrides = self.split_arguments(parser.parse_overrides(params), self.max_batch_size)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        log.info("sweep folder %s (to finish it after a crash: the same command with hydra.sweep.dir=%s "
+                 "skip_done=true resume=auto)", sweep_dir, sweep_dir)
+        returns, failed, first = [], [], 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            tic = time.perf_counter()
+            self.validate_batch_is_legal(batch)
+            log.debug("validated %d jobs in %.2f s", len(batch), time.perf_counter() - tic)
+            results = self.launcher.launch(batch, initial_job_idx=first)
+            failed += [(first + i, job, r) for i, (job, r) in enumerate(zip(batch, results))
+                       if r.status == JobStatus.FAILED]
+            first += len(batch)
+            returns.append(results)
+        if failed:
+            lines = [f"{len(failed)} of {first} jobs failed:"]
+            lines += [f"  job {n} ({_folder(r, job)}): {_one_line(r._return_value)}" for n, job, r in failed]
+            print("\n".join(lines), file=sys.stderr, flush=True)
+            sys.exit(EXIT_JOBS_FAILED)
+        return returns
+
+
+def _folder(ret, job: list[str]) -> str:
+    """The job's run folder (its path below the sweep folder names the swept settings), else its overrides."""
+    try:
+        return str(Path(ret.hydra_cfg.hydra.runtime.output_dir).relative_to(ret.hydra_cfg.hydra.sweep.dir))
+    except Exception:  # noqa: BLE001 - no Hydra config in the return (another launcher)
+        return " ".join(job)
+
+
+def _one_line(err: object) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else err.__class__.__name__)[:300]

@@ -6,11 +6,13 @@ One folder per subject and fingerprint, ``<cache_dir>/<subject>-<fingerprint>/``
 - ``labels.npy`` uint8 (Z, X, Y): organ masks packed as bits (bit i = ``ORGANS[i]``, see :func:`organ_bit`),
   so that overlapping annotations survive;
 - ``meta.json``: geometry (spacing, affines, shapes), landmarks, channels, organs, per-slice organ bits,
-  organ volumes and the normalisation used.
+  organ volumes, the normalisation used and ``content``, a digest of the cached arrays, geometry and landmarks
+  (what a run's ``data_fingerprint`` is made of).
 
 The fingerprint hashes the source files (path, size, modification time) and the preprocessing settings, so a
 changed file or setting gives a new folder. Folders are written under a temporary hidden name and renamed into
-place, so an interrupted build never leaves a folder that looks complete. Readers open the arrays memory-mapped
+place, so an interrupted build never leaves a folder that looks complete (a later build removes the temporary
+folders of builds that were killed). Readers open the arrays memory-mapped
 per access and copy out only what they need, so resident memory stays small however many subjects there are.
 """
 
@@ -20,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -30,7 +33,7 @@ import numpy as np
 from landmark_unet.data.organs import ORGANS, organ_bit
 from landmark_unet.data.subject import Subject
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json holds the content digest
 NORMALISATIONS = ("percentile", "zscore", "ct", "none")
 CT_WINDOW = (-200.0, 300.0)  # HU: fat, soft tissue and contrast-enhanced organs; bone and air saturate
 
@@ -192,7 +195,7 @@ def pack_labels(subject: Subject) -> np.ndarray:
 def write_entry(subject: Subject, final: Path, normalisation: str, fp: str,
                 ct_window: Sequence[float] = CT_WINDOW) -> CacheEntry:
     """Preprocess ``subject`` and write its cache folder atomically to ``final``."""
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}@{socket.gethostname()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -201,10 +204,15 @@ def write_entry(subject: Subject, final: Path, normalisation: str, fp: str,
         np.save(tmp / "image.npy", image)
         labels = pack_labels(subject)
         np.save(tmp / "labels.npy", labels)
+        digest = hashlib.sha256(image.tobytes())
+        digest.update(labels.tobytes())
+        digest.update(json.dumps([subject.spacing.tolist(), subject.affine.tolist(),
+                                  None if subject.landmarks is None else subject.landmarks.tolist()]).encode())
         slice_bits = np.bitwise_or.reduce(labels.reshape(labels.shape[0], -1), axis=1)
         meta = {
             "name": subject.name,
             "fingerprint": fp,
+            "content": digest.hexdigest()[:16],
             "shape": list(subject.shape),
             "channels": list(subject.channels),
             "organs": list(subject.organs),
@@ -229,6 +237,28 @@ def write_entry(subject: Subject, final: Path, normalisation: str, fp: str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return load_entry(final)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_builds(cache_dir: Path) -> list[Path]:
+    """Remove the temporary folders (``.<entry>.tmp-<pid>@<host>``) of builds on this host whose process is gone
+    (killed half-way); returns them. Folders of live builds, and of other hosts sharing the cache, are left alone."""
+    stale, host = [], socket.gethostname()
+    for tmp in Path(cache_dir).glob(".*.tmp-*@*"):
+        pid, _, where = tmp.name.rsplit(".tmp-", 1)[-1].partition("@")
+        if tmp.is_dir() and where == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            stale.append(tmp)
+    return stale
 
 
 def load_entry(path: Path) -> CacheEntry:
@@ -282,6 +312,7 @@ def build_cache(
         raise ValueError(f"unknown normalisation {normalisation!r}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(cache_dir)
     args = [(job, cache_dir, normalisation, tuple(skip), tuple(ct_window)) for job in jobs]
     entries: list[CacheEntry] = []
     if workers > 0 and len(jobs) > 1:

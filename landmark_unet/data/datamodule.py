@@ -29,6 +29,7 @@ from landmark_unet.data.cache import (
 from landmark_unet.data.layouts import CHANNELS, LAYOUTS, Case, labelled_organs, list_cases
 from landmark_unet.data.organs import ORGANS, organ_bit
 from landmark_unet.data.slices import (
+    EpochShuffle,
     EvalShardSampler,
     ForegroundOversampler,
     SliceDataset,
@@ -305,6 +306,15 @@ class SliceDataModule(pl.LightningDataModule):
         self._ready = True
 
     # -- datasets -----------------------------------------------------------------------------------------------
+    def data_fingerprint(self) -> str:
+        """One digest of the data this run sees: every subject of its split by name and cached content (images,
+        labels, geometry, landmarks; see :mod:`landmark_unet.data.cache`) and the split itself."""
+        h = hashlib.sha256()
+        for part in ("train", "val", "test"):
+            for name in sorted(self.split.get(part, [])):
+                h.update(f"{part}|{name}|{self.entries[name].meta.get('content', '')}\n".encode())
+        return h.hexdigest()[:16]
+
     def subject_id(self, name: str) -> int:
         return self.subject_names.index(name)
 
@@ -316,11 +326,10 @@ class SliceDataModule(pl.LightningDataModule):
                             self.size, distance_key=self.distance_key if self.fusion != "none" else None,
                             stack=self.stack, crop=self.crop if part == "train" else None)
 
-    def _loader(self, dataset: SliceDataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
+    def _loader(self, dataset: SliceDataset, batch_size: int, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -330,25 +339,29 @@ class SliceDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Training slices in an order drawn from (seed, epoch) alone (:class:`~landmark_unet.data.slices.EpochSampler`):
+        the organ slices shuffled (``sampling=organ_only``) or foreground-oversampled draws (``oversample``)."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0  # a resumed run starts at its epoch
         if self.sampling == "organ_only":
             ds = self.dataset("train", organ_slices_only=True)
             if len(ds) == 0:
                 raise InputError("organ", f"no training slice holds {'/'.join(self.organs)}")
-            return self._loader(ds, self.batch_size, shuffle=True)
+            return self._loader(ds, self.batch_size, sampler=EpochShuffle(len(ds), seed=self.seed, epoch=epoch))
         ds = self.dataset("train", organ_slices_only=False)
         bits = sum(organ_bit(o) for o in self.organs)
         holds = np.array([ds.entries[e].slice_bits[k] & bits for e, k in ds.index]) > 0
         if not holds.any():
             raise InputError("organ", f"no training slice holds {'/'.join(self.organs)}")
-        sampler = ForegroundOversampler(np.flatnonzero(holds), len(ds), self.foreground_fraction, seed=self.seed)
-        return self._loader(ds, self.batch_size, shuffle=True, sampler=sampler)
+        sampler = ForegroundOversampler(np.flatnonzero(holds), len(ds), self.foreground_fraction, seed=self.seed,
+                                        epoch=epoch)
+        return self._loader(ds, self.batch_size, sampler=sampler)
 
     def _eval_loader(self, part: str) -> DataLoader:
         """Every slice of the bodies of ``part``; under DDP each rank a share, unpadded (EvalShardSampler)."""
         ds = self.dataset(part, organ_slices_only=False)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         sampler = EvalShardSampler(ds) if distributed and torch.distributed.get_world_size() > 1 else None
-        return self._loader(ds, self.eval_batch_size, shuffle=False, sampler=sampler)
+        return self._loader(ds, self.eval_batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val" if self.split["val"] else "test")

@@ -168,7 +168,39 @@ def collate(batch):
     return batch if isinstance(batch, dict) else torch.utils.data.default_collate(batch)
 
 
-class ForegroundOversampler(torch.utils.data.Sampler[int]):
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A sampler whose draw is a function of (seed, epoch) only, so that a resumed run draws what the uninterrupted
+    run drew. Lightning calls :meth:`set_epoch` before every training epoch; without it (a sampler wrapped for DDP)
+    the epoch counts up by one per pass. Subclasses implement :meth:`draw`."""
+
+    def __init__(self, num_samples: int, seed: int = 0, epoch: int = 0):
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        picks = self.draw(np.random.default_rng([self.seed, self.epoch]))
+        self.epoch += 1
+        return iter(picks.tolist())
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+
+class EpochShuffle(EpochSampler):
+    """Every dataset position once per epoch, in the order of a permutation seeded by (seed, epoch)."""
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.permutation(self.num_samples)
+
+
+class ForegroundOversampler(EpochSampler):
     """Draws ``num_samples`` slice indices per epoch: with probability ``fraction`` one of the slices holding the
     organ (``foreground``), otherwise any slice of the training bodies, uniformly (nnU-Net-style foreground
     oversampling). The network thus also meets the slices without the organ that whole-body evaluation will show
@@ -181,10 +213,11 @@ class ForegroundOversampler(torch.utils.data.Sampler[int]):
         num_samples: samples per epoch; default ``ceil(len(foreground) / fraction)``, so that an epoch holds about
             as many organ slices as an organ-only epoch.
         seed: base seed.
+        epoch: the epoch of the first pass (a resumed run's).
     """
 
     def __init__(self, foreground: np.ndarray, total: int, fraction: float, num_samples: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, epoch: int = 0):
         if not 0 < fraction <= 1:
             raise ValueError(f"foreground fraction must be in (0, 1], got {fraction}")
         if len(foreground) == 0:
@@ -192,20 +225,12 @@ class ForegroundOversampler(torch.utils.data.Sampler[int]):
         self.foreground = np.asarray(foreground, dtype=np.int64)
         self.total = total
         self.fraction = fraction
-        self.num_samples = num_samples or int(np.ceil(len(self.foreground) / fraction))
-        self.seed = seed
-        self.epoch = 0
+        super().__init__(num_samples or int(np.ceil(len(self.foreground) / fraction)), seed, epoch)
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        self.epoch += 1
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
         forced = rng.random(self.num_samples) < self.fraction
-        picks = np.where(forced, self.foreground[rng.integers(0, len(self.foreground), self.num_samples)],
-                         rng.integers(0, self.total, self.num_samples))
-        return iter(picks.tolist())
+        return np.where(forced, self.foreground[rng.integers(0, len(self.foreground), self.num_samples)],
+                        rng.integers(0, self.total, self.num_samples))
 
 
 class EvalShardSampler(torch.utils.data.DistributedSampler):

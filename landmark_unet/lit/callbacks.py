@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import resource
 import time
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -80,6 +82,12 @@ class MetricHistory(pl.Callback):
     def __init__(self):
         self.history: dict[str, list[float]] = {"epoch": []}
 
+    def state_dict(self) -> dict:  # saved in every checkpoint, so that a resumed run keeps the earlier epochs
+        return {"history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = {k: list(v) for k, v in state_dict["history"].items()}
+
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
@@ -90,3 +98,26 @@ class MetricHistory(pl.Callback):
         for series in self.history.values():  # a metric missing this epoch keeps the series aligned
             if len(series) < len(self.history["epoch"]):
                 series.append(float("nan"))
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one training epoch on one rank: a 32-bit hash of (seed, epoch, rank) (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+class EpochSeed(pl.Callback):
+    """Reseeds Python's, numpy's and torch's global generators (CUDA's too) at the start of every training epoch
+    from (seed, epoch, rank), so that an epoch's random draws (augmentation, random crops in the main process)
+    do not depend on what ran before it. A run resumed from an epoch-end checkpoint therefore trains exactly as
+    the uninterrupted run did. The loaders' samplers are seeded by (seed, epoch) themselves
+    (:class:`~landmark_unet.data.slices.EpochShuffle`, :class:`~landmark_unet.data.slices.ForegroundOversampler`).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        s = epoch_seed(self.seed, trainer.current_epoch, trainer.global_rank)
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)  # every CUDA device too
