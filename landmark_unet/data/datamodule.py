@@ -34,6 +34,7 @@ from landmark_unet.data.slices import (
     ForegroundOversampler,
     SliceDataset,
     collate,
+    epoch_seed,
     padded_size,
     slice_index,
 )
@@ -326,13 +327,15 @@ class SliceDataModule(pl.LightningDataModule):
                             self.size, distance_key=self.distance_key if self.fusion != "none" else None,
                             stack=self.stack, crop=self.crop if part == "train" else None)
 
-    def _loader(self, dataset: SliceDataset, batch_size: int, sampler=None) -> DataLoader:
+    def _loader(self, dataset: SliceDataset, batch_size: int, sampler=None, generator=None,
+                persistent: bool = True) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
+            generator=generator,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=persistent and self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=False,
             collate_fn=collate,
@@ -340,21 +343,27 @@ class SliceDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Training slices in an order drawn from (seed, epoch) alone (:class:`~landmark_unet.data.slices.EpochSampler`):
-        the organ slices shuffled (``sampling=organ_only``) or foreground-oversampled draws (``oversample``)."""
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0  # a resumed run starts at its epoch
+        the organ slices shuffled (``sampling=organ_only``) or foreground-oversampled draws (``oversample``). The
+        loader has a generator of its own (seeded from (seed, epoch, rank); the seeds of its workers), so that
+        building and iterating it never draws from torch's global generator."""
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else 0  # a resumed run starts at its epoch
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, trainer.global_rank if trainer else 0))
         if self.sampling == "organ_only":
             ds = self.dataset("train", organ_slices_only=True)
             if len(ds) == 0:
                 raise InputError("organ", f"no training slice holds {'/'.join(self.organs)}")
-            return self._loader(ds, self.batch_size, sampler=EpochShuffle(len(ds), seed=self.seed, epoch=epoch))
-        ds = self.dataset("train", organ_slices_only=False)
-        bits = sum(organ_bit(o) for o in self.organs)
-        holds = np.array([ds.entries[e].slice_bits[k] & bits for e, k in ds.index]) > 0
-        if not holds.any():
-            raise InputError("organ", f"no training slice holds {'/'.join(self.organs)}")
-        sampler = ForegroundOversampler(np.flatnonzero(holds), len(ds), self.foreground_fraction, seed=self.seed,
-                                        epoch=epoch)
-        return self._loader(ds, self.batch_size, sampler=sampler)
+            sampler = EpochShuffle(len(ds), seed=self.seed, epoch=epoch)
+        else:
+            ds = self.dataset("train", organ_slices_only=False)
+            bits = sum(organ_bit(o) for o in self.organs)
+            holds = np.array([ds.entries[e].slice_bits[k] & bits for e, k in ds.index]) > 0
+            if not holds.any():
+                raise InputError("organ", f"no training slice holds {'/'.join(self.organs)}")
+            sampler = ForegroundOversampler(np.flatnonzero(holds), len(ds), self.foreground_fraction,
+                                            seed=self.seed, epoch=epoch)
+        # random crops are drawn in the workers: workers started afresh each epoch take that epoch's seeds
+        return self._loader(ds, self.batch_size, sampler=sampler, generator=generator, persistent=self.crop is None)
 
     def _eval_loader(self, part: str) -> DataLoader:
         """Every slice of the bodies of ``part``; under DDP each rank a share, unpadded (EvalShardSampler)."""

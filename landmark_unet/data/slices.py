@@ -168,6 +168,11 @@ def collate(batch):
     return batch if isinstance(batch, dict) else torch.utils.data.default_collate(batch)
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one training epoch on one rank: a 32-bit hash of (seed, epoch, rank) (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 class EpochSampler(torch.utils.data.Sampler[int]):
     """A sampler whose draw is a function of (seed, epoch) only, so that a resumed run draws what the uninterrupted
     run drew. Lightning calls :meth:`set_epoch` before every training epoch; without it (a sampler wrapped for DDP)

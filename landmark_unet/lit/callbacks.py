@@ -10,6 +10,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from landmark_unet.data.slices import epoch_seed
+
 
 class EpochTimer(pl.Callback):
     """Measures wall seconds of each training epoch (training batches only) and of each whole epoch with its
@@ -26,10 +28,15 @@ class EpochTimer(pl.Callback):
         self._last = 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._begin()
+
+    def _begin(self) -> None:
         self._t0 = self._last = time.perf_counter()
         self.wait_seconds.append(0.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if len(self.wait_seconds) == len(self.epoch_seconds):  # a run resumed mid-epoch skips on_train_epoch_start
+            self._begin()
         self.wait_seconds[-1] += time.perf_counter() - self._last
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -100,18 +107,13 @@ class MetricHistory(pl.Callback):
                 series.append(float("nan"))
 
 
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """The seed of one training epoch on one rank: a 32-bit hash of (seed, epoch, rank) (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
 class EpochSeed(pl.Callback):
-    """Reseeds Python's, numpy's and torch's global generators (CUDA's too) at the start of every training epoch
-    from (seed, epoch, rank), so that an epoch's random draws (augmentation, random crops in the main process)
-    do not depend on what ran before it. A run resumed from an epoch-end checkpoint therefore trains exactly as
-    the uninterrupted run did. The loaders' samplers are seeded by (seed, epoch) themselves
-    (:class:`~landmark_unet.data.slices.EpochShuffle`, :class:`~landmark_unet.data.slices.ForegroundOversampler`).
-    """
+    """Reseeds Python's, numpy's and torch's global generators (CUDA's too) and the training loader's own generator
+    (the seeds of its worker processes) at the start of every training epoch from (seed, epoch, rank), so that an
+    epoch's random draws (augmentation, random crops) do not depend on what ran before it. A run resumed from an
+    epoch-end checkpoint therefore trains exactly as the uninterrupted run did. The loader's sampler is seeded by
+    (seed, epoch) itself (:class:`~landmark_unet.data.slices.EpochSampler`), and the DataModule seeds the loader's
+    generator the same way when it builds it at a resumed epoch (before this hook runs)."""
 
     def __init__(self, seed: int):
         self.seed = int(seed)
@@ -121,3 +123,6 @@ class EpochSeed(pl.Callback):
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)  # every CUDA device too
+        generator = getattr(trainer.train_dataloader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(s)
