@@ -3,6 +3,7 @@ weights loaded without executing code (``torch.load(weights_only=True)``) after 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -63,12 +64,22 @@ def read_checkpoint(ckpt: Path) -> dict:
         raise InputError(ckpt, "checkpoint file is missing")
     try:
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():
+            raise InputError(ckpt, "cannot read checkpoint: it holds objects other than tensors and plain data, "
+                                   "which could run code when loaded (refused)") from None
+        raise InputError(ckpt, f"cannot read checkpoint (corrupt: {_first_line(err)})") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is bad input
-        reason = str(err).strip().splitlines()[0][:100] if str(err).strip() else err.__class__.__name__
-        raise InputError(ckpt, f"cannot read checkpoint (truncated, corrupt or not a torch file: {reason})") from None
+        raise InputError(ckpt, f"cannot read checkpoint (truncated, corrupt or not a torch file: "
+                               f"{_first_line(err)})") from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise InputError(ckpt, "not a Lightning checkpoint (no state_dict)")
     return state
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:100] if text else err.__class__.__name__
 
 
 def check_checkpoint(ckpt: Path, state: dict, expected: dict, model: nn.Module) -> None:

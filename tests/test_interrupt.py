@@ -5,12 +5,14 @@ saves a checkpoint and requeues; a killed cache build is detected and rebuilt; a
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,3 +190,121 @@ def test_slurm_launcher_asks_for_the_signal_lightning_requeues_on(tmp_path, monk
     script = executor._executor._make_submission_file_text("python -m landmark_unet.train", "0")
     assert "#SBATCH --signal=USR1@120" in script and "USR2" not in script
     assert "#SBATCH --requeue" in script
+
+
+KILL_AT = '''
+import os, runpy, signal, sys
+import {module} as target
+real, calls = target.{name}, [0]
+def dying(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+target.{name} = dying
+sys.argv = [sys.argv[0], *sys.argv[1:]]
+runpy.run_module("{entry}", run_name="__main__", alter_sys=True)
+'''
+
+
+def killed_at(tmp_path: Path, entry: str, module: str, name: str, at: int, args: list[str]) -> None:
+    """Run ``python -m entry args`` with ``module.name`` replaced by a function that SIGKILLs the process on its
+    ``at``-th call: a kill at a chosen point inside the real code path."""
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_AT.format(module=module, name=name, at=at, entry=entry))
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600,
+                          env=env(tmp_path, LANDMARK_UNET_CACHE=str(tmp_path / "cache")))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def test_a_cache_build_killed_half_way_is_detected_and_rebuilt(tmp_path):
+    from conftest import write_toy_subject
+
+    for i in range(6):
+        write_toy_subject(tmp_path / "data", f"s{i}", shape=(32, 32, 16), seed=i)
+    args = ["data=folder", f"data.root={tmp_path / 'data'}", "data.split.rounds=3", "model.net.features=4",
+            "data.num_workers=0",
+            "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}", "~callbacks.progress",
+            "trainer.enable_progress_bar=false"]
+    # numpy.save: image.npy of subject 0, image.npy and then (killed) labels.npy of subject 1
+    killed_at(tmp_path, "landmark_unet.train", "numpy", "save", 4, args)
+    subjects = tmp_path / "cache" / "subjects"
+    visible = [p for p in subjects.iterdir() if not p.name.startswith(".")]
+    assert len(visible) == 1 and (visible[0] / "meta.json").is_file()  # the finished subject only
+    (partial,) = [p for p in subjects.iterdir() if p.name.startswith(".")]
+    assert (partial / "image.npy").is_file() and not (partial / "labels.npy").exists()
+
+    proc = subprocess.run([sys.executable, "-m", "landmark_unet.train", *args], capture_output=True, text=True,
+                          timeout=600, env=env(tmp_path, LANDMARK_UNET_CACHE=str(tmp_path / "cache")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not partial.exists()  # the killed build's leftovers are gone
+    entries = list(subjects.iterdir())
+    assert len(entries) == 6 and all((p / "meta.json").is_file() for p in entries)
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_prediction_killed_half_way_leaves_only_complete_files(reference, tmp_path):
+    """Killed while renaming the second of a case's files into place: every visible output is a whole NIfTI file;
+    the next run writes all of them."""
+    import nibabel as nib
+
+    run, _ = reference
+    phantom = next((tmp_path.parent / "interrupt_cache").glob("phantom/*/sub000"))
+    cases = tmp_path / "cases"
+    for name in ("a", "b"):
+        shutil.copytree(phantom, cases / name)
+    args = [f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"input={cases}", f"output={tmp_path / 'out'}",
+            "probabilities=true", "progress=false", f"hydra.run.dir={tmp_path / 'predict'}"]
+    killed_at(tmp_path, "landmark_unet.predict", "os", "replace", 2, args)
+    out = tmp_path / "out"
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert visible == ["a_liver.nii.gz"]
+    assert nib.load(out / "a_liver.nii.gz").get_fdata().shape == nib.load(cases / "a" / "fat.nii.gz").shape
+
+    proc = subprocess.run([sys.executable, "-m", "landmark_unet.predict", *args], capture_output=True, text=True,
+                          timeout=600, env=env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert written == ["a_liver.nii.gz", "a_liver_prob.nii.gz", "b_liver.nii.gz", "b_liver_prob.nii.gz"]
+    assert all(np.isfinite(nib.load(out / n).get_fdata()).all() for n in written)
+
+
+def test_continuing_from_another_models_checkpoint_is_refused(reference, tmp_path):
+    run, _ = reference
+    proc = subprocess.run(command(f"hydra.run.dir={tmp_path / 'run'}", "fusion=early",
+                                  f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"),
+                          capture_output=True, text=True, timeout=300, env={**env(tmp_path), "LANDMARK_UNET_DEBUG": ""})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {run / 'checkpoints' / 'last.ckpt'}: checkpoint of another model: fusion 'none' (this run: 'early')"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class _Payload:
+    """Unpickling it would create a file: what a malicious checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("entry", ["train", "evaluate"])
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(reference, tmp_path, entry):
+    run, _ = reference
+    marker = tmp_path / "pwned"
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    state["extra"] = _Payload(marker)
+    evil = run / "checkpoints" / f"evil-{entry}.ckpt"  # beside the run's config, as evaluate expects
+    torch.save(state, evil)
+    args = command(f"hydra.run.dir={tmp_path / 'run'}", f"ckpt_path={evil}") if entry == "train" else [
+        sys.executable, "-m", "landmark_unet.evaluate", f"ckpt={evil}", f"hydra.run.dir={tmp_path / 'eval'}"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300,
+                          env={**env(tmp_path), "LANDMARK_UNET_DEBUG": ""})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == (f"error: {evil}: cannot read checkpoint: it holds objects other than tensors and plain data, "
+                    "which could run code when loaded (refused)")
+    assert not marker.exists()
+    evil.unlink()
