@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,18 +74,34 @@ def pin_local_job_gpu(cfg: DictConfig) -> int | None:
     return int(chosen) if chosen.isdigit() else None
 
 
+EXIT_TERMINATED = 128 + 15  # what a shell reports for a process ended by SIGTERM
+
+
 @contextlib.contextmanager
 def job_guard(run_dir: str | Path) -> Iterator[None]:
     """How a run fails. A single run: bad input exits with one line and code 2 (:func:`exit_on_input_error`).
     A job of a multirun: any error is written to ``<run_dir>/failure.json`` (one-line ``error``, ``type`` and
     ``traceback``) and to the job's log, then re-raised for Hydra to mark the job failed, so that the sweep goes
     on with its other jobs (the ``grid`` sweeper lists the failures at the end, the report lists the run). A
-    failure.json left by an earlier attempt of the job is removed when it starts again."""
-    if not in_multirun():
-        with exit_on_input_error():
-            yield
-        return
-    failure = Path(run_dir) / FAILURE_FILE
+    failure.json left by an earlier attempt of the job is removed when it starts again. Either way, a run stopped
+    by SIGTERM (Lightning ends it after the current step) says how to continue it and exits with code 143, not 0."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    try:
+        if not in_multirun():
+            with exit_on_input_error():
+                yield
+        else:
+            with _failure_recorded(Path(run_dir) / FAILURE_FILE):
+                yield
+    except SIGTERMException:
+        print("stopped by SIGTERM: continue this run with the same command plus resume=auto", file=sys.stderr,
+              flush=True)
+        sys.exit(EXIT_TERMINATED)
+
+
+@contextlib.contextmanager
+def _failure_recorded(failure: Path) -> Iterator[None]:
     failure.unlink(missing_ok=True)
     try:
         yield

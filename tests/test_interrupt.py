@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-# ~2 s training epochs (oversampling draws ~3x the organ slices), so that a kill lands inside a run
-RUN = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1", "model.net.features=4",
-       "data.num_workers=0", "data.batch_size=2", "data.split.rounds=3", "data.sampling=oversample",
-       "data.foreground_fraction=0.3", "augmentation=all", "trainer.max_epochs=3", "trainer.deterministic=true", "~callbacks.progress",
-       "trainer.enable_progress_bar=false"]
+# every source of randomness an epoch has: oversampled draws, loader worker processes drawing random crops, on-device
+# augmentation (the depth-5 model, cheap at this size); about 1 s training epochs, so that a kill lands inside a run
+RUN = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1", "model=unet3d",
+       "model.net.features=4", "data.num_workers=2", "data.crop=32", "data.batch_size=2", "data.split.rounds=3",
+       "data.sampling=oversample", "data.foreground_fraction=0.3", "augmentation=all", "trainer.max_epochs=3",
+       "trainer.deterministic=true", "~callbacks.progress", "trainer.enable_progress_bar=false"]
 # what may differ between two runs of the same computation: time, memory, where and how it was started
 RUN_SPECIFIC = {"seconds_per_epoch", "data_wait_fraction", "wall_seconds", "peak_memory_gib", "peak_host_rss_gib",
                 "peak_gpu_gib", "overrides", "checkpoint", "resumed_from"}
@@ -150,15 +151,21 @@ def test_slurm_preemption_saves_requeues_and_resume_auto_finishes(reference, tmp
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert proc.returncode == 143  # stopped, not finished
+    assert proc.stderr.read().strip().splitlines()[-1] == (
+        "stopped by SIGTERM: continue this run with the same command plus resume=auto")
     assert calls.read_text().split() == ["requeue", "4242"]
     assert not (run / "metrics.json").exists()
     saved = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
-    assert saved["landmark_unet"]["network"] == "UNet2d"  # the checkpoint carries the run's signature
+    # SIGTERM stops the job after its current step, or after the epoch's end (and its last.ckpt) when it came
+    # during the epoch's last step or validation: the requeued job continues from the newer of the two
+    newest = max([run / "hpc_ckpt_1.ckpt", run / "checkpoints" / "last.ckpt"], key=lambda p: p.stat().st_mtime_ns)
+    assert saved["landmark_unet"]["network"] == "UNet3d"  # the checkpoint carries the run's signature
 
     requeued = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=slurm)
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     resumed = json.loads((run / "metrics.json").read_text())
-    assert resumed["resumed_from"] == str(run / "hpc_ckpt_1.ckpt")
+    assert resumed["resumed_from"] == str(newest)
     assert resumed["epochs"] == metrics["epochs"] and len(resumed["history"]["epoch"]) == 3
     # a mid-epoch checkpoint finishes its epoch with freshly drawn batches: close to, not equal to, the reference
     assert resumed["test"].keys() == metrics["test"].keys()

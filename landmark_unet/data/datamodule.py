@@ -76,6 +76,13 @@ def ensure_phantom(root: Path, phantom: dict) -> Path:
     return root
 
 
+def training_epoch(trainer: pl.Trainer) -> int:
+    """The training epoch the trainer runs or is about to run: the number Lightning gives the samplers'
+    ``set_epoch``. (``trainer.current_epoch`` still counts the last finished epoch while a run resumed from an
+    epoch-end checkpoint builds its loaders.)"""
+    return int(trainer.fit_loop.epoch_progress.current.processed)
+
+
 class SliceDataModule(pl.LightningDataModule):
     """2D slices of one dataset for one split round.
 
@@ -347,7 +354,7 @@ class SliceDataModule(pl.LightningDataModule):
         loader has a generator of its own (seeded from (seed, epoch, rank); the seeds of its workers), so that
         building and iterating it never draws from torch's global generator."""
         trainer = self.trainer
-        epoch = trainer.current_epoch if trainer is not None else 0  # a resumed run starts at its epoch
+        epoch = training_epoch(trainer) if trainer is not None else 0  # a resumed run starts at its epoch
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, trainer.global_rank if trainer else 0))
         if self.sampling == "organ_only":
             ds = self.dataset("train", organ_slices_only=True)

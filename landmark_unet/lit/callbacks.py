@@ -10,6 +10,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from landmark_unet.data.datamodule import training_epoch
 from landmark_unet.data.slices import epoch_seed
 
 
@@ -119,7 +120,7 @@ class EpochSeed(pl.Callback):
         self.seed = int(seed)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        s = epoch_seed(self.seed, trainer.current_epoch, trainer.global_rank)
+        s = epoch_seed(self.seed, training_epoch(trainer), trainer.global_rank)
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)  # every CUDA device too
