@@ -8,9 +8,7 @@ naming the file and what is wrong.
 
 from __future__ import annotations
 
-import gzip
 import logging
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,35 +44,85 @@ def as_volume(data: np.ndarray, where: object) -> np.ndarray:
         InputError: not 3D, or an empty axis; the message names ``where``.
     """
     data = np.asanyarray(data)
+    _check_volume_shape(data.shape, where)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(where, f"expected a 3D volume, found shape {tuple(data.shape)}")
-    if 0 in data.shape:
-        raise InputError(where, f"volume has an empty axis, shape {tuple(data.shape)}")
     return data
+
+
+def _check_volume_shape(shape: Sequence[int], where: object, what: str = "shape") -> None:
+    """A 3D shape, possibly followed by axes of length 1, with no empty axis."""
+    shape = tuple(int(s) for s in shape)
+    if not shape or 0 in shape:
+        raise InputError(where, f"volume holds no voxels ({what} {shape})")
+    core = shape
+    while len(core) > 3 and core[-1] == 1:
+        core = core[:-1]
+    if len(core) != 3:
+        raise InputError(where, f"expected a 3D volume, found {what} {shape}")
+
+
+# deflate (gzip) cannot shrink data by more than about 1032:1: a header that declares more voxels than that is
+# corrupted, and is refused before anything that large is allocated
+MAX_DEFLATE_RATIO = 1032
+
+
+def _check_header(img: nib.spatialimages.SpatialImage, path: Path, size: int) -> None:
+    """What the header declares, checked before the voxels are read: real-valued voxels, a 3D shape, and no more
+    data than the file can hold."""
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise InputError(path, f"voxel type {dtype} is not real-valued (expected integers or floats)")
+    _check_volume_shape(img.shape, path, "header shape")
+    nbytes = int(np.prod(img.shape, dtype=np.float64) * dtype.itemsize)
+    name = path.name.lower()
+    capacity = size * MAX_DEFLATE_RATIO if name.endswith(".nii.gz") else size if name.endswith(".nii") else None
+    if capacity is not None and nbytes > capacity:
+        dims = " x ".join(str(int(s)) for s in img.shape)
+        raise InputError(path, f"header declares {dims} voxels of {dtype} ({nbytes / 1e6:.3g} MB), more than the "
+                               f"{size}-byte file can hold (corrupted header or truncated file)")
 
 
 def load_nifti(path: str | Path) -> nib.Nifti1Image:
     """Load a 3D NIfTI image fully into memory, with its header checked.
 
+    Checked, in this order: the file exists and is not empty; nibabel can parse its header (nibabel's own
+    messages about repaired header fields are silenced); the voxels are integers or floats; the header declares a
+    3D shape (trailing axes of length 1 are dropped) without an empty axis, and no more bytes than the file can
+    hold (at most :data:`MAX_DEFLATE_RATIO` times its size when gzipped); the data decompress and read completely;
+    the affine is finite and invertible. Values (NaN, Inf, binary masks) are checked by the callers.
+
     Raises:
-        InputError: missing, unreadable or truncated file; not 3D (a trailing axis of length 1 is dropped);
-            an empty axis; a non-invertible affine.
+        InputError: any of the above, naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file is missing")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(path, "file is empty (0 bytes)")
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as err:
-        raise InputError(path, f"cannot read NIfTI ({err.__class__.__name__}: {str(err).splitlines()[0][:120]})") from None
+        with nib.imageglobals.LoggingOutputSuppressor():
+            img = nib.load(str(path))
+    except Exception as err:  # noqa: BLE001 - whatever nibabel fails on, the file is not a readable image
+        raise InputError(path, f"cannot read NIfTI header ({_reason(err)})") from None
+    _check_header(img, path, size)
+    try:
+        with nib.imageglobals.LoggingOutputSuppressor():
+            data = np.asanyarray(img.dataobj)
+    except Exception as err:  # noqa: BLE001 - a truncated or corrupted stream, in whatever form nibabel reports it
+        raise InputError(path, f"cannot read NIfTI data, truncated or corrupted file ({_reason(err)})") from None
     data = as_volume(data, path)
     affine = img.affine
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(path, "affine is missing or not invertible")
     return nib.Nifti1Image(data, affine, img.header)
+
+
+def _reason(err: BaseException) -> str:
+    """``Class: first line of the message`` of an exception, at most 120 characters of it."""
+    lines = str(err).strip().splitlines()
+    return f"{err.__class__.__name__}: {lines[0][:120]}" if lines else err.__class__.__name__
 
 
 def _check_same_grid(ref: nib.Nifti1Image, ref_path: Path, img: nib.Nifti1Image, path: Path) -> None:
