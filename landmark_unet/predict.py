@@ -5,7 +5,7 @@ The model, its channels, normalisation, spacing and landmark maps come from the 
 case is read in its own orientation, brought to canonical RAS+ (and to the run's ``data.spacing`` if it set one),
 predicted slice by slice (or stack by stack) in batches, and the probabilities brought back to the input's grid:
 same shape, same affine, same orientation, voxel for voxel. A fused model gets its landmarks from the case's
-landmarks.txt (or ``landmarks=FILE``), else TotalSegmentator femur masks, else the hip detector.
+landmarks.txt (or ``landmarks_file=FILE``), else TotalSegmentator femur masks, else the hip detector.
 
 Writes ``<case>_<organ>.nii.gz`` (uint8 0/1) per organ, or with ``labelmap=true`` one ``<case>.nii.gz`` (1 liver,
 2 kidneys, 3 pancreas, 4 spleen, 5 bladder; where organs overlap, the most probable wins), and with
@@ -104,7 +104,10 @@ class Predictor:
         distance = None
         if self.fused:
             settings = {k: run["landmarks"][k] for k in MAP_KEYS if k in run.get("landmarks", {})}
-            distance = subject_maps(points, normalised.shape[1:], spacing, **settings)
+            try:
+                distance = subject_maps(points, normalised.shape[1:], spacing, **settings)
+            except ValueError as err:  # too few landmarks for the run's pairs
+                raise InputError(case.landmarks or case.name, str(err)) from None
         prob = predict_volume(self.model, normalised.transpose(3, 0, 1, 2), distance, stack=int(run.get("stack", 1)),
                               pad_multiple=int(run.get("pad_multiple", 16)), device=self.device,
                               precision=self.precision, progress=progress, batch_size=self.batch_size, tta=self.tta,
@@ -151,10 +154,10 @@ def predict(cfg: DictConfig) -> list[Path]:
                                           batch_size=int(cfg.batch_size), tta=bool(cfg.tta))
     channel_names = list(cfg.get("channel_names") or predictor.run.get("channel_names") or predictor.channels)
     cases = input_cases(cfg.input, channel_names, predictor.run.get("image_file", "ct.nii.gz"))
-    if cfg.get("landmarks"):
+    if cfg.get("landmarks_file"):
         if len(cases) != 1:
-            raise InputError("landmarks", f"one landmarks file for {len(cases)} cases: give it with a single image")
-        cases = [Case(cases[0].name, cases[0].images, landmarks=Path(cfg.landmarks))]
+            raise InputError("landmarks_file", f"one landmarks file for {len(cases)} cases: give it with a single image")
+        cases = [Case(cases[0].name, cases[0].images, landmarks=Path(cfg.landmarks_file))]
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise InputError(out, "output exists and is not a folder")
