@@ -10,7 +10,10 @@ landmarks.txt (or ``landmarks_file=FILE``), else TotalSegmentator femur masks, e
 Writes ``<case>_<organ>.nii.gz`` (uint8 0/1) per organ, or with ``labelmap=true`` one ``<case>.nii.gz`` (1 liver,
 2 kidneys, 3 pancreas, 4 spleen, 5 bladder; where organs overlap, the most probable wins), and with
 ``probabilities=true`` ``<case>_<organ>_prob.nii.gz`` (float32). Every file is written under a temporary name and
-renamed into place: an interrupted run leaves only complete files.
+renamed into place: an interrupted run leaves only complete files. Bad input stops with one line naming the file
+(exit code 2): every case's headers and landmarks files are checked before the first file is written, so such a
+stop leaves no prediction; a defect only the voxels show (a truncated stream, NaN) stops at that case, with the
+complete files of the cases before it left in place.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from landmark_unet.data.datamodule import MAP_KEYS
 from landmark_unet.data.layouts import Case, input_cases
 from landmark_unet.data.nifti import save_nifti
 from landmark_unet.data.organs import ORGANS
-from landmark_unet.data.sources import CaseImages, case_landmarks
+from landmark_unet.data.sources import CaseImages, case_landmarks, check_case_headers
 from landmark_unet.errors import InputError, exit_on_input_error
 from landmark_unet.inference import fold_batchnorm, predict_volume
 from landmark_unet.landmarks.distance import subject_maps
+from landmark_unet.landmarks.io import read_landmarks
 from landmark_unet.postprocess import largest_components
 from landmark_unet.runinfo import run_postprocess
 
@@ -84,6 +88,19 @@ class Predictor:
     @property
     def fused(self) -> bool:
         return self.run.get("fusion", "none") != "none"
+
+    def check(self, case: Case) -> None:
+        """Check a case's inputs without reading its voxels: the image channels (:func:`check_case_headers`) and,
+        for a fused model, its landmarks file when it has one (well-formed, inside the volume, enough landmarks
+        for the run's pairs). ``predict`` checks every case this way before it writes the first file; what only
+        the voxels show (a truncated stream, NaN) is found when the case is predicted."""
+        shape, _ = check_case_headers(case, self.channels)
+        if self.fused and case.landmarks is not None and case.landmarks.exists():
+            points = read_landmarks(case.landmarks, shape=shape)
+            pairs = int(self.run.get("landmarks", {}).get("pairs", 1))
+            if len(points) < 2 * pairs:
+                raise InputError(case.landmarks, f"expected {pairs} landmark pair(s) (the run's landmarks.pairs), "
+                                                 f"found {len(points)} landmark(s)")
 
     def probabilities(self, case: Case, progress=None) -> tuple[np.ndarray, CaseImages]:
         """Probabilities (K, *file shape) of one case on the grid of its first image file, and its images."""
@@ -161,6 +178,8 @@ def predict(cfg: DictConfig) -> list[Path]:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise InputError(out, "output exists and is not a folder")
+    for case in cases:  # every case's headers and landmarks before the first file is written
+        predictor.check(case)
     written = []
     for case in cases:
         with tqdm(desc=case.name, unit="slice", disable=not cfg.progress, leave=False) as bar:

@@ -44,14 +44,15 @@ def as_volume(data: np.ndarray, where: object) -> np.ndarray:
         InputError: not 3D, or an empty axis; the message names ``where``.
     """
     data = np.asanyarray(data)
-    _check_volume_shape(data.shape, where)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    return data
+    return data.reshape(volume_shape(data.shape, where))
 
 
-def _check_volume_shape(shape: Sequence[int], where: object, what: str = "shape") -> None:
-    """A 3D shape, possibly followed by axes of length 1, with no empty axis."""
+def volume_shape(shape: Sequence[int], where: object, what: str = "shape") -> tuple[int, int, int]:
+    """The 3D shape of ``shape`` (trailing axes of length 1 dropped: 4D files with one volume are common).
+
+    Raises:
+        InputError: an empty axis, or not 3D; the message names ``where``.
+    """
     shape = tuple(int(s) for s in shape)
     if not shape or 0 in shape:
         raise InputError(where, f"volume holds no voxels ({what} {shape})")
@@ -60,6 +61,7 @@ def _check_volume_shape(shape: Sequence[int], where: object, what: str = "shape"
         core = core[:-1]
     if len(core) != 3:
         raise InputError(where, f"expected a 3D volume, found {what} {shape}")
+    return core  # type: ignore[return-value]
 
 
 # deflate (gzip) cannot shrink data by more than about 1032:1: a header that declares more voxels than that is
@@ -67,30 +69,14 @@ def _check_volume_shape(shape: Sequence[int], where: object, what: str = "shape"
 MAX_DEFLATE_RATIO = 1032
 
 
-def _check_header(img: nib.spatialimages.SpatialImage, path: Path, size: int) -> None:
-    """What the header declares, checked before the voxels are read: real-valued voxels, a 3D shape, and no more
-    data than the file can hold."""
-    dtype = img.get_data_dtype()
-    if dtype.kind not in "biuf":
-        raise InputError(path, f"voxel type {dtype} is not real-valued (expected integers or floats)")
-    _check_volume_shape(img.shape, path, "header shape")
-    nbytes = int(np.prod(img.shape, dtype=np.float64) * dtype.itemsize)
-    name = path.name.lower()
-    capacity = size * MAX_DEFLATE_RATIO if name.endswith(".nii.gz") else size if name.endswith(".nii") else None
-    if capacity is not None and nbytes > capacity:
-        dims = " x ".join(str(int(s)) for s in img.shape)
-        raise InputError(path, f"header declares {dims} voxels of {dtype} ({nbytes / 1e6:.3g} MB), more than the "
-                               f"{size}-byte file can hold (corrupted header or truncated file)")
+def open_nifti(path: str | Path) -> nib.spatialimages.SpatialImage:
+    """A NIfTI image with its header checked and its voxels not yet read (nibabel's lazy image).
 
-
-def load_nifti(path: str | Path) -> nib.Nifti1Image:
-    """Load a 3D NIfTI image fully into memory, with its header checked.
-
-    Checked, in this order: the file exists and is not empty; nibabel can parse its header (nibabel's own
-    messages about repaired header fields are silenced); the voxels are integers or floats; the header declares a
-    3D shape (trailing axes of length 1 are dropped) without an empty axis, and no more bytes than the file can
-    hold (at most :data:`MAX_DEFLATE_RATIO` times its size when gzipped); the data decompress and read completely;
-    the affine is finite and invertible. Values (NaN, Inf, binary masks) are checked by the callers.
+    Checked: the file exists and is not empty; nibabel can parse its header (nibabel's own messages about header
+    fields it repairs are silenced); the voxels are integers or floats; the header declares a 3D shape (trailing
+    axes of length 1 allowed) without an empty axis, and no more bytes than the file can hold (at most
+    :data:`MAX_DEFLATE_RATIO` times its size when gzipped, its size when not); the affine is finite and
+    invertible.
 
     Raises:
         InputError: any of the above, naming the file.
@@ -104,19 +90,38 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     try:
         with nib.imageglobals.LoggingOutputSuppressor():
             img = nib.load(str(path))
+            dtype, shape, affine = img.get_data_dtype(), img.shape, img.affine
     except Exception as err:  # noqa: BLE001 - whatever nibabel fails on, the file is not a readable image
         raise InputError(path, f"cannot read NIfTI header ({_reason(err)})") from None
-    _check_header(img, path, size)
+    if dtype.kind not in "biuf":
+        raise InputError(path, f"voxel type {dtype} is not real-valued (expected integers or floats)")
+    volume_shape(shape, path, "header shape")
+    nbytes = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+    name = path.name.lower()
+    capacity = size * MAX_DEFLATE_RATIO if name.endswith(".nii.gz") else size if name.endswith(".nii") else None
+    if capacity is not None and nbytes > capacity:
+        dims = " x ".join(str(int(s)) for s in shape)
+        raise InputError(path, f"header declares {dims} voxels of {dtype} ({nbytes / 1e6:.3g} MB), more than the "
+                               f"{size}-byte file can hold (corrupted header or truncated file)")
+    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(path, "affine is missing or not invertible")
+    return img
+
+
+def load_nifti(path: str | Path) -> nib.Nifti1Image:
+    """Load a 3D NIfTI image fully into memory: :func:`open_nifti`'s header checks, then the voxels, which must
+    decompress and read completely. Values (NaN, Inf, binary masks) are checked by the callers.
+
+    Raises:
+        InputError: naming the file and what is wrong.
+    """
+    img = open_nifti(path)
     try:
         with nib.imageglobals.LoggingOutputSuppressor():
             data = np.asanyarray(img.dataobj)
     except Exception as err:  # noqa: BLE001 - a truncated or corrupted stream, in whatever form nibabel reports it
         raise InputError(path, f"cannot read NIfTI data, truncated or corrupted file ({_reason(err)})") from None
-    data = as_volume(data, path)
-    affine = img.affine
-    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise InputError(path, "affine is missing or not invertible")
-    return nib.Nifti1Image(data, affine, img.header)
+    return nib.Nifti1Image(as_volume(data, path), img.affine, img.header)
 
 
 def _reason(err: BaseException) -> str:
@@ -125,11 +130,42 @@ def _reason(err: BaseException) -> str:
     return f"{err.__class__.__name__}: {lines[0][:120]}" if lines else err.__class__.__name__
 
 
-def _check_same_grid(ref: nib.Nifti1Image, ref_path: Path, img: nib.Nifti1Image, path: Path) -> None:
-    if img.shape != ref.shape:
-        raise InputError(path, f"shape {img.shape} differs from {ref_path.name} {ref.shape}")
-    if not geometry.same_grid(img.shape, img.affine, ref.shape, ref.affine):
+def _check_same_grid(ref: nib.spatialimages.SpatialImage, ref_path: Path, img: nib.spatialimages.SpatialImage,
+                     path: Path) -> None:
+    """``img`` (read from ``path``) shares the grid of ``ref``: shape (trailing axes of length 1 aside) and affine."""
+    shape, ref_shape = volume_shape(img.shape, path), volume_shape(ref.shape, ref_path)
+    if shape != ref_shape:
+        raise InputError(path, f"shape {shape} differs from {ref_path.name} {ref_shape}")
+    if not geometry.same_grid(shape, img.affine, ref_shape, ref.affine):
         raise InputError(path, f"affine differs from that of {ref_path.name}")
+
+
+def _case_channel_files(case: Case, channels: Sequence[str]) -> list[Path]:
+    missing = [c for c in channels if c not in case.images]
+    if missing:
+        raise InputError(case.name, f"case lacks channel(s) {', '.join(missing)} (has {', '.join(case.images)})")
+    return [case.images[c] for c in channels]
+
+
+def check_case_headers(case: Case, channels: Sequence[str]) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Check the image channels of a case without reading their voxels (a quick pass over many cases before any
+    output is written): every file exists and passes :func:`open_nifti`, and all share the first one's grid.
+
+    Returns:
+        The file grid: (3D shape, affine) of the first channel.
+
+    Raises:
+        InputError: naming the file and what is wrong.
+    """
+    ref, ref_path = None, None
+    for path in _case_channel_files(case, channels):
+        img = open_nifti(path)
+        if ref is None:
+            ref, ref_path = img, path
+        else:
+            _check_same_grid(ref, ref_path, img, path)
+    assert ref is not None
+    return volume_shape(ref.shape, ref_path), ref.affine
 
 
 class CaseImages:
@@ -144,14 +180,11 @@ class CaseImages:
     """
 
     def __init__(self, case: Case, channels: Sequence[str]):
-        missing = [c for c in channels if c not in case.images]
-        if missing:
-            raise InputError(case.name, f"case lacks channel(s) {', '.join(missing)} (has {', '.join(case.images)})")
+        paths = _case_channel_files(case, channels)
         arrays = []
         self.channels = list(channels)
         self.ref: nib.Nifti1Image | None = None
-        for channel in channels:
-            path = case.images[channel]
+        for path in paths:
             img = load_nifti(path)
             if self.ref is None:
                 self.ref, self.ref_path = img, path
