@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import (
+    CONF_DIR,
     TRAIN_OUTPUTS,
     assert_clean_failure,
     compose_train,
@@ -30,6 +31,7 @@ from conftest import (
     write_toy_nnunet,
     write_toy_subject,
 )
+from hydra import compose, initialize_config_dir
 
 from landmark_unet.data.nifti import nifti_bytes, save_nifti
 
@@ -302,17 +304,46 @@ def trained(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
-def test_bad_input_stops_cleanly(case: Case, tmp_path: Path, request):
+def make_world(tmp_path: Path, trained: Path | None) -> World:
+    """The unbroken inputs: the toy dataset and, given the trained run, its copy."""
     world = World(tmp_path)
     for i in range(N_SUBJECTS):
         write_toy_subject(world.root, f"s{i:02d}", shape=SHAPE, seed=i)
-    if any("{ckpt}" in o for o in case.overrides):
-        trained = request.getfixturevalue("trained")
+    if trained is not None:
         (world.run / "checkpoints").mkdir(parents=True)
         shutil.copytree(trained / ".hydra", world.run / ".hydra")
         shutil.copy(trained / "checkpoints" / "last.ckpt", world.ckpt)
         shutil.copy(trained / "splits.json", world.run / "splits.json")
+    return world
+
+
+def test_the_unbroken_inputs_go_through(trained, tmp_path):
+    """Control for the table: what its cases break is fine as built. The trained run predicts a folder of cases
+    and one case with ``landmarks_file=``, and the report reads the run. (Evaluating the checkpoint is
+    tests/test_train.py's.)"""
+    from landmark_unet.predict import predict
+    from landmark_unet.report import main as report
+
+    world = make_world(tmp_path, trained)
+    (tmp_path / "two.txt").write_text("# right, left\n4 5 2\n15 5 2\n")
+    runs = {"all": [f"input={world.root}"], "one": [f"input={world.root / 's02'}", f"landmarks_file={tmp_path}/two.txt"]}
+    for name, overrides in runs.items():
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="predict", overrides=[f"ckpt={world.ckpt}", f"output={tmp_path / name}",
+                                                            "progress=false", *overrides])
+        written = predict(cfg)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == sorted(p.name for p in written)
+    assert len(list((tmp_path / "all").iterdir())) == N_SUBJECTS
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["s02_liver.nii.gz"]
+    shutil.copy(trained / "metrics.json", world.run / "metrics.json")
+    report([str(world.run), "--out", str(tmp_path / "rep"), "--no-plots"])
+    assert "liver" in (tmp_path / "rep" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input_stops_cleanly(case: Case, tmp_path: Path, request):
+    needs_run = any("{ckpt}" in o for o in case.overrides)
+    world = make_world(tmp_path, request.getfixturevalue("trained") if needs_run else None)
     case.build(world)
     module, base, outputs = ENTRY_POINTS[case.entry]
     args = [a.format(**world.fields()) for a in (*base, *case.overrides)]
