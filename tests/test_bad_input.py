@@ -62,7 +62,6 @@ class World:
     checkpoint cases, a copy of the tiny trained run under ``tmp/trained``."""
 
     tmp: Path
-    trained: Path | None = None
 
     @property
     def root(self) -> Path:
@@ -105,7 +104,7 @@ def nothing(w: World) -> None:
 
 
 def write(rel: str, array, affine=AFFINE, dtype=np.float32) -> Callable[[World], None]:
-    """Replace ``<root>/<rel>`` by ``array`` (a function of the world or an array) with ``affine``."""
+    """Replace ``<root>/<rel>`` by ``array`` with ``affine``."""
     def build(w: World) -> None:
         save_nifti(w.root / rel, np.asarray(array, dtype=dtype), affine)
     return build
@@ -264,7 +263,7 @@ CASES = [
          ("landmarks.encoding", "cosine")),
     # checkpoints
     Case("checkpoint-truncated", "evaluate", truncate(ckpt), ("ckpt={ckpt}",), ("last.ckpt", "cannot read")),
-    Case("checkpoint-not-a-checkpoint", "predict", lambda w: w.ckpt.write_bytes(np.random.bytes(4096)),
+    Case("checkpoint-not-a-checkpoint", "predict", lambda w: w.ckpt.write_bytes(np.random.default_rng(0).bytes(4096)),
          ("ckpt={ckpt}", "input={subject}"), ("last.ckpt", "cannot read")),
     Case("checkpoint-of-another-fusion", "predict", run_config("fusion=none"), ("ckpt={ckpt}", "input={subject}"),
          ("last.ckpt", "does not fit")),
