@@ -36,7 +36,6 @@ from omegaconf import OmegaConf
 from landmark_unet.data.nifti import atomic_write_bytes
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.errors import InputError, exit_on_input_error
-from landmark_unet.runinfo import saved_overrides
 from landmark_unet.stats import bootstrap_ci, holm, paired
 
 IGNORED_KEYS = ("organ", "data.split.round", "experiment", "hydra.", "paths.", "trainer.enable_progress_bar",
@@ -111,12 +110,20 @@ def read_metrics(path: Path) -> dict:
 
 
 def _run_overrides(run_dir: Path) -> list[str]:
-    """:func:`~landmark_unet.runinfo.saved_overrides`, with an unreadable overrides.yaml named."""
-    try:
-        return saved_overrides(run_dir)
-    except Exception:  # noqa: BLE001 - re-read to name the file and the problem
-        read_yaml(run_dir / ".hydra" / "overrides.yaml")
-        raise
+    """The command-line overrides a run saved (``<run>/.hydra/overrides.yaml``; [] without one), read as
+    :func:`landmark_unet.runinfo.saved_overrides` reads them but with an unreadable file named, and without
+    importing runinfo, which imports Lightning (3 s of the report's start-up).
+
+    Raises:
+        InputError: the file is not YAML, or not a list.
+    """
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    overrides = read_yaml(path)
+    if not OmegaConf.is_list(overrides):
+        raise InputError(path, "is not a list of overrides")
+    return [str(o) for o in overrides]
 
 
 def _planned_jobs(multirun_yaml: Path) -> tuple[str | None, list[list[str]]]:
