@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.errors import InputError
-from landmark_unet.landmarks.distance import map_channels
+from landmark_unet.landmarks.distance import COMBINES, ENCODINGS, SPACES, UNITS, map_channels
 
 CONTENTS = {"fat": ["fat"], "water": ["water"], "both": ["fat", "water"], "single": ["single"]}
 
@@ -36,10 +36,14 @@ register_resolvers()
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the top-level experiment keys before anything is built.
+    """Check the experiment keys before anything is built or read, so that a bad setting stops the run at once
+    with the key named (rather than as a shape error inside the first training step).
+
+    Checked: ``organ`` and ``content`` are known; the landmark-map settings (:func:`validate_landmarks`); the
+    network agrees with the data (:func:`validate_model_inputs`). Keys a config lacks are not checked.
 
     Raises:
-        InputError: unknown ``organ`` or ``content``.
+        InputError: naming the key and what is wrong.
     """
     organ = cfg.get("organ")
     if organ not in (*ORGANS, "all"):
@@ -47,6 +51,76 @@ def validate(cfg: DictConfig) -> None:
     content = cfg.get("content")
     if content not in CONTENTS:
         raise InputError("content", f"unknown content {content!r} (choose from {', '.join(CONTENTS)})")
+    if cfg.get("landmarks") is not None:
+        validate_landmarks(cfg.landmarks)
+    if OmegaConf.select(cfg, "model.net") is not None and cfg.get("data") is not None:
+        validate_model_inputs(cfg)
+
+
+def validate_landmarks(landmarks: DictConfig) -> None:
+    """The ``landmarks`` group: known map ``encoding``, ``units``, ``space`` and ``combine``; ``pairs`` >= 1;
+    ``sigma_mm`` > 0."""
+    for key, allowed in (("encoding", ENCODINGS), ("units", UNITS), ("space", SPACES), ("combine", COMBINES)):
+        value = landmarks.get(key)
+        if value is not None and value not in allowed:
+            raise InputError(f"landmarks.{key}", f"unknown value {value!r} (choose from {', '.join(allowed)})")
+    pairs = landmarks.get("pairs")
+    if pairs is not None and (isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1):
+        raise InputError("landmarks.pairs", f"must be a whole number >= 1, got {pairs!r}")
+    sigma = landmarks.get("sigma_mm")
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0):
+        raise InputError("landmarks.sigma_mm", f"must be a number > 0, got {sigma!r}")
+
+
+def validate_model_inputs(cfg: DictConfig) -> None:
+    """The network (``model.net``) can take what the data module feeds it.
+
+    - fusion: with ``data.fusion`` early or late, the samples carry landmark maps, so the network must have a
+      ``fusion`` argument set to the same mode (and no fusion when the data has no maps); its ``map_channels`` must
+      be the number of maps the ``landmarks`` settings make (one, or one per pair with ``combine=channels``);
+    - slices: ``data.stack`` must be the number of slices the network takes (its class's ``stack_depth``: 1 for
+      the 2D U-Nets, 5 for the depth-5 network);
+    - sizes: a U-Net of ``depth`` pooling levels needs H and W divisible by ``2**depth``, so ``data.pad_multiple``
+      must be a multiple of it, and a training ``data.crop`` a positive multiple of ``data.pad_multiple``.
+    """
+    net, data = cfg.model.net, cfg.data
+    target = net.get("_target_")
+    name = str(target).rsplit(".", 1)[-1]
+    fusion = data.get("fusion", "none")
+    if "fusion" not in net:
+        if fusion not in (None, "none"):
+            raise InputError("fusion", f"{fusion} fusion feeds landmark maps, but model.net ({name}) has no input "
+                                       f"for them (no fusion argument); use fusion=none")
+    elif net.fusion != fusion:
+        raise InputError("model.net.fusion", f"is {net.fusion!r} but the data module feeds fusion={fusion} "
+                                             f"(keep model.net.fusion=${{fusion.mode}} and choose fusion=...)")
+    elif fusion != "none" and "map_channels" in net and cfg.get("landmarks") is not None:
+        expected = map_channels(cfg.landmarks.get("combine", "sum"), cfg.landmarks.get("pairs", 1))
+        if net.map_channels != expected:
+            raise InputError("model.net.map_channels", f"is {net.map_channels} but the landmarks settings make "
+                                                       f"{expected} map channel(s)")
+    stack = data.get("stack", 1)
+    if target is not None:
+        from hydra.utils import get_class
+
+        try:
+            cls = get_class(str(target))
+        except Exception as err:  # noqa: BLE001 - Hydra's own error for a target that cannot be imported
+            raise InputError("model.net._target_", f"cannot import {target!r} ({err.__class__.__name__})") from None
+        takes = getattr(cls, "stack_depth", 1)
+        if stack != takes:
+            raise InputError("data.stack", f"is {stack} but model.net ({name}) takes {takes} slice(s) per sample "
+                                           f"({'model=unet3d' if stack == 5 else 'data.stack=' + str(takes)})")
+    depth = net.get("depth")
+    pad = data.get("pad_multiple", 16)
+    if isinstance(depth, int) and depth >= 1:
+        if not isinstance(pad, int) or pad < 1 or pad % 2**depth:
+            raise InputError("data.pad_multiple", f"is {pad}, but a U-Net of depth {depth} needs slice sizes "
+                                                  f"divisible by {2**depth}: use a multiple of {2**depth}")
+    crop = data.get("crop")
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < pad or crop % pad):
+        raise InputError("data.crop", f"must be a positive multiple of {pad} (data.pad_multiple), got {crop}"
+                                      " (the study's crops: 256 and 208)")
 
 
 def resolve_precision(precision: str | int) -> str | int:

@@ -2,7 +2,9 @@
 
 Every reader raises :class:`InputError` naming the file or config key and what is wrong. Entry points wrap their
 body in :func:`exit_on_input_error`, which prints that one line to stderr and exits with code 2; set the
-environment variable ``LANDMARK_UNET_DEBUG=1`` to get the full stack trace instead.
+environment variable ``LANDMARK_UNET_DEBUG=1`` to get the full stack trace instead. An :class:`InputError` raised
+inside a constructor that Hydra's ``instantiate`` called reaches the entry point wrapped in Hydra's
+``InstantiationException`` (``raise ... from err``); it is reported the same way.
 """
 
 from __future__ import annotations
@@ -31,13 +33,28 @@ class MissingLandmarksError(InputError):
     """A subject has no usable landmarks (no file, or no plausible pair found by the detector)."""
 
 
+def input_error_of(err: BaseException) -> InputError | None:
+    """``err`` itself if it is an :class:`InputError`, else the one it was raised from (``__cause__``, followed
+    through wrappers such as Hydra's ``InstantiationException``), else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, InputError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return None
+
+
 @contextlib.contextmanager
 def exit_on_input_error() -> Iterator[None]:
-    """Turn an :class:`InputError` into ``error: <where>: <problem>`` on stderr and exit code 2."""
+    """Turn an :class:`InputError` (or an exception raised from one) into ``error: <where>: <problem>`` on stderr
+    and exit code 2."""
     try:
         yield
-    except InputError as err:
-        if os.environ.get("LANDMARK_UNET_DEBUG", "") not in ("", "0"):
+    except Exception as err:
+        bad = input_error_of(err)
+        if bad is None or os.environ.get("LANDMARK_UNET_DEBUG", "") not in ("", "0"):
             raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {bad}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)

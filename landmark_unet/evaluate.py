@@ -66,10 +66,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     split_file = Path(cfg.split_file) if cfg.get("split_file") else run_dir / "splits.json"
     run_cfg.data.split.file = str(split_file)
     run_cfg.data.splits_out = None
+    model = instantiate(run_cfg.model)
+    load_weights(model, ckpt, signature(run_cfg))  # before the data: a bad checkpoint stops at once
     datamodule = instantiate(run_cfg.data)
     datamodule.setup("test")
-    model = instantiate(run_cfg.model)
-    load_weights(model, ckpt, signature(run_cfg))
     precision = resolve_precision(cfg.precision)
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, precision=precision,
                          logger=False, enable_checkpointing=False, enable_progress_bar=bool(cfg.progress))

@@ -5,13 +5,16 @@ The model, its channels, normalisation, spacing and landmark maps come from the 
 case is read in its own orientation, brought to canonical RAS+ (and to the run's ``data.spacing`` if it set one),
 predicted slice by slice (or stack by stack) in batches, and the probabilities brought back to the input's grid:
 same shape, same affine, same orientation, voxel for voxel. A fused model gets its landmarks from the case's
-landmarks.txt (or ``landmarks=FILE``), else TotalSegmentator femur masks, else the hip detector.
+landmarks.txt (or ``landmarks_file=FILE``), else TotalSegmentator femur masks, else the hip detector.
 
 Writes ``<case>_<organ>.nii.gz`` (uint8 0/1) per organ, or with ``labelmap=true`` one ``<case>.nii.gz`` (1 liver,
 2 kidneys, 3 pancreas, 4 spleen, 5 bladder; where organs overlap, the most probable wins), and with
 ``probabilities=true`` ``<case>_<organ>_prob.nii.gz`` (float32). A case's files are all encoded before the first is
 written, and each is written under a temporary name and renamed into place: an interrupted run leaves complete
 files of the cases it finished (and at most the renaming of one case's files half done), never a truncated file.
+Bad input stops with one line naming the file (exit code 2): every case's headers and landmarks files are checked
+before the first file is written, so such a stop leaves no prediction; a defect only the voxels show (a truncated
+stream, NaN) stops at that case, with the complete files of the cases before it left in place.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from landmark_unet.data.datamodule import MAP_KEYS
 from landmark_unet.data.layouts import Case, input_cases
 from landmark_unet.data.nifti import atomic_write_bytes, nifti_bytes
 from landmark_unet.data.organs import ORGANS
-from landmark_unet.data.sources import CaseImages, case_landmarks
+from landmark_unet.data.sources import CaseImages, case_landmarks, check_case_headers
 from landmark_unet.errors import InputError, exit_on_input_error
 from landmark_unet.inference import fold_batchnorm, predict_volume
 from landmark_unet.landmarks.distance import subject_maps
+from landmark_unet.landmarks.io import read_landmarks
 from landmark_unet.postprocess import largest_components
 from landmark_unet.runinfo import run_postprocess
 
@@ -86,6 +90,19 @@ class Predictor:
     def fused(self) -> bool:
         return self.run.get("fusion", "none") != "none"
 
+    def check(self, case: Case) -> None:
+        """Check a case's inputs without reading its voxels: the image channels (:func:`check_case_headers`) and,
+        for a fused model, its landmarks file when it has one (well-formed, inside the volume, enough landmarks
+        for the run's pairs). ``predict`` checks every case this way before it writes the first file; what only
+        the voxels show (a truncated stream, NaN) is found when the case is predicted."""
+        shape, _ = check_case_headers(case, self.channels)
+        if self.fused and case.landmarks is not None and case.landmarks.exists():
+            points = read_landmarks(case.landmarks, shape=shape)
+            pairs = int(self.run.get("landmarks", {}).get("pairs", 1))
+            if len(points) < 2 * pairs:
+                raise InputError(case.landmarks, f"expected {pairs} landmark pair(s) (the run's landmarks.pairs), "
+                                                 f"found {len(points)} landmark(s)")
+
     def probabilities(self, case: Case, progress=None) -> tuple[np.ndarray, CaseImages]:
         """Probabilities (K, *file shape) of one case on the grid of its first image file, and its images."""
         run = self.run
@@ -105,7 +122,10 @@ class Predictor:
         distance = None
         if self.fused:
             settings = {k: run["landmarks"][k] for k in MAP_KEYS if k in run.get("landmarks", {})}
-            distance = subject_maps(points, normalised.shape[1:], spacing, **settings)
+            try:
+                distance = subject_maps(points, normalised.shape[1:], spacing, **settings)
+            except ValueError as err:  # too few landmarks for the run's pairs
+                raise InputError(case.landmarks or case.name, str(err)) from None
         prob = predict_volume(self.model, normalised.transpose(3, 0, 1, 2), distance, stack=int(run.get("stack", 1)),
                               pad_multiple=int(run.get("pad_multiple", 16)), device=self.device,
                               precision=self.precision, progress=progress, batch_size=self.batch_size, tta=self.tta,
@@ -152,13 +172,15 @@ def predict(cfg: DictConfig) -> list[Path]:
                                           batch_size=int(cfg.batch_size), tta=bool(cfg.tta))
     channel_names = list(cfg.get("channel_names") or predictor.run.get("channel_names") or predictor.channels)
     cases = input_cases(cfg.input, channel_names, predictor.run.get("image_file", "ct.nii.gz"))
-    if cfg.get("landmarks"):
+    if cfg.get("landmarks_file"):
         if len(cases) != 1:
-            raise InputError("landmarks", f"one landmarks file for {len(cases)} cases: give it with a single image")
-        cases = [Case(cases[0].name, cases[0].images, landmarks=Path(cfg.landmarks))]
+            raise InputError("landmarks_file", f"one landmarks file for {len(cases)} cases: give it with a single image")
+        cases = [Case(cases[0].name, cases[0].images, landmarks=Path(cfg.landmarks_file))]
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise InputError(out, "output exists and is not a folder")
+    for case in cases:  # every case's headers and landmarks before the first file is written
+        predictor.check(case)
     written = []
     for case in cases:
         with tqdm(desc=case.name, unit="slice", disable=not cfg.progress, leave=False) as bar:

@@ -37,7 +37,6 @@ from landmark_unet.data.nifti import atomic_write_bytes
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.errors import InputError, exit_on_input_error
 from landmark_unet.launch import read_failure
-from landmark_unet.runinfo import saved_overrides
 from landmark_unet.stats import bootstrap_ci, holm, paired
 
 IGNORED_KEYS = ("organ", "data.split.round", "experiment", "hydra.", "paths.", "trainer.enable_progress_bar",
@@ -74,11 +73,65 @@ class Table:
         return min(matches, key=len) if matches else None
 
 
+def read_yaml(path: Path):
+    """A YAML file a run left (``.hydra/config.yaml``, ``overrides.yaml``, ``multirun.yaml``).
+
+    Raises:
+        InputError: the file cannot be read or is not YAML.
+    """
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - OSError, yaml's errors, OmegaConf's: the file is bad either way
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        raise InputError(path, f"cannot read YAML ({err.__class__.__name__}: {first})") from None
+
+
+def read_metrics(path: Path) -> dict:
+    """A run's metrics.json, checked for what the report uses: ``test`` maps each organ to a ``per_body`` mapping
+    of body -> Dice (a number).
+
+    Raises:
+        InputError: not JSON, or a missing or malformed key (named).
+    """
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(path, f"not a landmark_unet metrics file ({err.__class__.__name__}: {err})") from None
+    test = metrics.get("test") if isinstance(metrics, dict) else None
+    if not isinstance(test, dict):
+        raise InputError(path, "not a landmark_unet metrics file (no 'test' mapping of organ results)")
+    for organ, result in test.items():
+        per_body = result.get("per_body") if isinstance(result, dict) else None
+        if not isinstance(per_body, dict):
+            raise InputError(path, f"test.{organ}.per_body is missing (expected body -> Dice)")
+        for body, value in per_body.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputError(path, f"test.{organ}.per_body.{body}: {value!r} is not a number")
+    return metrics
+
+
+def _run_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides a run saved (``<run>/.hydra/overrides.yaml``; [] without one), read as
+    :func:`landmark_unet.runinfo.saved_overrides` reads them but with an unreadable file named, and without
+    importing runinfo, which imports Lightning (3 s of the report's start-up).
+
+    Raises:
+        InputError: the file is not YAML, or not a list.
+    """
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    overrides = read_yaml(path)
+    if not OmegaConf.is_list(overrides):
+        raise InputError(path, "is not a list of overrides")
+    return [str(o) for o in overrides]
+
+
 def _planned_jobs(multirun_yaml: Path) -> tuple[str | None, list[list[str]]]:
     """(table name, the jobs a multirun planned) from its multirun.yaml: params, command-line sweeps and rows."""
     from hydra_plugins.landmark_unet_sweeper.grid import expand
 
-    cfg = OmegaConf.load(multirun_yaml)
+    cfg = read_yaml(multirun_yaml)
     sweeper = cfg.hydra.get("sweeper", {})
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
     task = [str(o) for o in cfg.hydra.overrides.get("task", [])]
@@ -103,9 +156,11 @@ def collect(dirs: list[Path], baseline: str | None = None) -> dict[str, Table]:
         if not d.is_dir():
             raise InputError(d, "run directory is missing")
         for hydra_dir in sorted(d.rglob(".hydra")):
-            overrides = saved_overrides(hydra_dir.parent)
+            overrides = _run_overrides(hydra_dir.parent)
             seen.add(frozenset(overrides))
-            cfg = OmegaConf.load(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").exists() else {}
+            cfg = read_yaml(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").exists() else {}
+            if not isinstance(cfg, dict) and not OmegaConf.is_dict(cfg):
+                raise InputError(hydra_dir / "config.yaml", "is not a run config (expected a mapping of keys)")
             report = cfg.get("report") or {}
             name = report.get("table") or d.name
             table = tables.setdefault(name, Table(name))
@@ -125,11 +180,8 @@ def collect(dirs: list[Path], baseline: str | None = None) -> dict[str, Table]:
             failure = read_failure(run)
             table.missing.append((" ".join(overrides) or str(run)) + (f" (failed: {failure})" if failure else ""))
             continue
-        try:
-            metrics = json.loads(metrics_path.read_text())
-            test = metrics["test"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise InputError(metrics_path, f"not a landmark_unet metrics file ({err})") from None
+        metrics = read_metrics(metrics_path)
+        test = metrics["test"]
         round_ = OmegaConf.select(cfg, "data.split.round", default=0) if cfg else 0
         setting = setting_of([o for o in overrides if o.split("=", 1)[0] in varying[name]])
         for organ, result in test.items():

@@ -49,12 +49,12 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
 
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")  # read and validate the data before anything is written to the run
     model = instantiate(cfg.model)
     run_signature = signature(cfg)
-    if start.checkpoint is not None:  # refuse another model's checkpoint before Lightning half-loads it
+    if start.checkpoint is not None:  # refuse a bad or another model's checkpoint before anything is written
         check_checkpoint(start.checkpoint, read_checkpoint(start.checkpoint), run_signature, model)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")  # read and validate the data before anything is written to the run
     timer, history = EpochTimer(), MetricHistory()
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     callbacks += [timer, history, EpochSeed(cfg.seed), SignatureCallback(run_signature)]

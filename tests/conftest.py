@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,8 @@ from landmark_unet.data.nifti import save_nifti
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.landmarks.io import write_landmarks
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+REPO_DIR = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO_DIR / "conf")
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
@@ -104,3 +108,40 @@ def write_toy_nnunet(root: Path, folder_root: Path, channels=("fat", "water")) -
             "numTraining": 6, "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(meta))
     return root
+
+
+# -- the command line on bad input (tests/test_cli_errors.py, tests/test_bad_input.py) ------------------------------
+TRAIN_OUTPUTS = ("run/metrics.json", "run/checkpoints", "run/splits.json")
+
+
+def run_cli(module: str, args: Sequence[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m module args`` in ``tmp_path``, importing ``landmark_unet`` from this checkout, with the cache
+    under ``tmp_path / "cache"`` and without the debug switches that turn a bad-input line into a stack trace."""
+    env = {**os.environ, "LANDMARK_UNET_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)}
+    for key in ("LANDMARK_UNET_DEBUG", "HYDRA_FULL_ERROR"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=timeout)
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str, tmp_path: Path,
+                         forbidden: Sequence[str] = TRAIN_OUTPUTS) -> None:
+    """Bad input stopped the command cleanly: exit code 2, one stderr line ``error: ...`` holding every needle,
+    no stack trace, nothing matching the ``forbidden`` glob patterns (relative to ``tmp_path``), no temporary or
+    hidden file left anywhere below ``tmp_path`` (``.hydra`` folders aside) and no incomplete cache entry."""
+    assert proc.returncode == 2, f"exit code {proc.returncode}\n{proc.stderr[-3000:]}"
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for pattern in forbidden:
+        assert not list(tmp_path.glob(pattern)), f"{pattern} was written: {list(tmp_path.glob(pattern))}"
+    leftovers = [p for p in tmp_path.rglob("*") if (p.name.startswith(".") and p.name != ".hydra")
+                 or p.name.endswith(".tmp") or ".tmp-" in p.name]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+    cache = tmp_path / "cache" / "subjects"
+    if cache.exists():
+        assert all((p / "meta.json").exists() for p in cache.iterdir()), list(cache.iterdir())

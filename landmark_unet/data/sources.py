@@ -8,9 +8,7 @@ naming the file and what is wrong.
 
 from __future__ import annotations
 
-import gzip
 import logging
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,42 +44,128 @@ def as_volume(data: np.ndarray, where: object) -> np.ndarray:
         InputError: not 3D, or an empty axis; the message names ``where``.
     """
     data = np.asanyarray(data)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(where, f"expected a 3D volume, found shape {tuple(data.shape)}")
-    if 0 in data.shape:
-        raise InputError(where, f"volume has an empty axis, shape {tuple(data.shape)}")
-    return data
+    return data.reshape(volume_shape(data.shape, where))
 
 
-def load_nifti(path: str | Path) -> nib.Nifti1Image:
-    """Load a 3D NIfTI image fully into memory, with its header checked.
+def volume_shape(shape: Sequence[int], where: object, what: str = "shape") -> tuple[int, int, int]:
+    """The 3D shape of ``shape`` (trailing axes of length 1 dropped: 4D files with one volume are common).
 
     Raises:
-        InputError: missing, unreadable or truncated file; not 3D (a trailing axis of length 1 is dropped);
-            an empty axis; a non-invertible affine.
+        InputError: an empty axis, or not 3D; the message names ``where``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if not shape or 0 in shape:
+        raise InputError(where, f"volume holds no voxels ({what} {shape})")
+    core = shape
+    while len(core) > 3 and core[-1] == 1:
+        core = core[:-1]
+    if len(core) != 3:
+        raise InputError(where, f"expected a 3D volume, found {what} {shape}")
+    return core  # type: ignore[return-value]
+
+
+# deflate (gzip) cannot shrink data by more than about 1032:1: a header that declares more voxels than that is
+# corrupted, and is refused before anything that large is allocated
+MAX_DEFLATE_RATIO = 1032
+
+
+def open_nifti(path: str | Path) -> nib.spatialimages.SpatialImage:
+    """A NIfTI image with its header checked and its voxels not yet read (nibabel's lazy image).
+
+    Checked: the file exists and is not empty; nibabel can parse its header (nibabel's own messages about header
+    fields it repairs are silenced); the voxels are integers or floats; the header declares a 3D shape (trailing
+    axes of length 1 allowed) without an empty axis, and no more bytes than the file can hold (at most
+    :data:`MAX_DEFLATE_RATIO` times its size when gzipped, its size when not); the affine is finite and
+    invertible.
+
+    Raises:
+        InputError: any of the above, naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file is missing")
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(path, "file is empty (0 bytes)")
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError) as err:
-        raise InputError(path, f"cannot read NIfTI ({err.__class__.__name__}: {str(err).splitlines()[0][:120]})") from None
-    data = as_volume(data, path)
-    affine = img.affine
+        with nib.imageglobals.LoggingOutputSuppressor():
+            img = nib.load(str(path))
+            dtype, shape, affine = img.get_data_dtype(), img.shape, img.affine
+    except Exception as err:  # noqa: BLE001 - whatever nibabel fails on, the file is not a readable image
+        raise InputError(path, f"cannot read NIfTI header ({_reason(err)})") from None
+    if dtype.kind not in "biuf":
+        raise InputError(path, f"voxel type {dtype} is not real-valued (expected integers or floats)")
+    volume_shape(shape, path, "header shape")
+    nbytes = int(np.prod(shape, dtype=np.float64) * dtype.itemsize)
+    name = path.name.lower()
+    capacity = size * MAX_DEFLATE_RATIO if name.endswith(".nii.gz") else size if name.endswith(".nii") else None
+    if capacity is not None and nbytes > capacity:
+        dims = " x ".join(str(int(s)) for s in shape)
+        raise InputError(path, f"header declares {dims} voxels of {dtype} ({nbytes / 1e6:.3g} MB), more than the "
+                               f"{size}-byte file can hold (corrupted header or truncated file)")
     if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(path, "affine is missing or not invertible")
-    return nib.Nifti1Image(data, affine, img.header)
+    return img
 
 
-def _check_same_grid(ref: nib.Nifti1Image, ref_path: Path, img: nib.Nifti1Image, path: Path) -> None:
-    if img.shape != ref.shape:
-        raise InputError(path, f"shape {img.shape} differs from {ref_path.name} {ref.shape}")
-    if not geometry.same_grid(img.shape, img.affine, ref.shape, ref.affine):
+def load_nifti(path: str | Path) -> nib.Nifti1Image:
+    """Load a 3D NIfTI image fully into memory: :func:`open_nifti`'s header checks, then the voxels, which must
+    decompress and read completely. Values (NaN, Inf, binary masks) are checked by the callers.
+
+    Raises:
+        InputError: naming the file and what is wrong.
+    """
+    img = open_nifti(path)
+    try:
+        with nib.imageglobals.LoggingOutputSuppressor():
+            data = np.asanyarray(img.dataobj)
+    except Exception as err:  # noqa: BLE001 - a truncated or corrupted stream, in whatever form nibabel reports it
+        raise InputError(path, f"cannot read NIfTI data, truncated or corrupted file ({_reason(err)})") from None
+    return nib.Nifti1Image(as_volume(data, path), img.affine, img.header)
+
+
+def _reason(err: BaseException) -> str:
+    """``Class: first line of the message`` of an exception, at most 120 characters of it."""
+    lines = str(err).strip().splitlines()
+    return f"{err.__class__.__name__}: {lines[0][:120]}" if lines else err.__class__.__name__
+
+
+def _check_same_grid(ref: nib.spatialimages.SpatialImage, ref_path: Path, img: nib.spatialimages.SpatialImage,
+                     path: Path) -> None:
+    """``img`` (read from ``path``) shares the grid of ``ref``: shape (trailing axes of length 1 aside) and affine."""
+    shape, ref_shape = volume_shape(img.shape, path), volume_shape(ref.shape, ref_path)
+    if shape != ref_shape:
+        raise InputError(path, f"shape {shape} differs from {ref_path.name} {ref_shape}")
+    if not geometry.same_grid(shape, img.affine, ref_shape, ref.affine):
         raise InputError(path, f"affine differs from that of {ref_path.name}")
+
+
+def _case_channel_files(case: Case, channels: Sequence[str]) -> list[Path]:
+    missing = [c for c in channels if c not in case.images]
+    if missing:
+        raise InputError(case.name, f"case lacks channel(s) {', '.join(missing)} (has {', '.join(case.images)})")
+    return [case.images[c] for c in channels]
+
+
+def check_case_headers(case: Case, channels: Sequence[str]) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Check the image channels of a case without reading their voxels (a quick pass over many cases before any
+    output is written): every file exists and passes :func:`open_nifti`, and all share the first one's grid.
+
+    Returns:
+        The file grid: (3D shape, affine) of the first channel.
+
+    Raises:
+        InputError: naming the file and what is wrong.
+    """
+    ref, ref_path = None, None
+    for path in _case_channel_files(case, channels):
+        img = open_nifti(path)
+        if ref is None:
+            ref, ref_path = img, path
+        else:
+            _check_same_grid(ref, ref_path, img, path)
+    assert ref is not None
+    return volume_shape(ref.shape, ref_path), ref.affine
 
 
 class CaseImages:
@@ -96,14 +180,11 @@ class CaseImages:
     """
 
     def __init__(self, case: Case, channels: Sequence[str]):
-        missing = [c for c in channels if c not in case.images]
-        if missing:
-            raise InputError(case.name, f"case lacks channel(s) {', '.join(missing)} (has {', '.join(case.images)})")
+        paths = _case_channel_files(case, channels)
         arrays = []
         self.channels = list(channels)
         self.ref: nib.Nifti1Image | None = None
-        for channel in channels:
-            path = case.images[channel]
+        for path in paths:
             img = load_nifti(path)
             if self.ref is None:
                 self.ref, self.ref_path = img, path

@@ -65,6 +65,7 @@ def read_landmarks(path: str | os.PathLike, shape: tuple[int, ...] | None = None
         upper = np.asarray(shape[:3], dtype=np.float64) - 1
         for i, p in enumerate(arr):
             if np.any(p < 0) or np.any(p > upper):
-                raise InputError(path, f"landmark {i + 1} at {tuple(np.round(p, 2))} lies outside the volume "
+                at = ", ".join(f"{v:g}" for v in np.round(p, 2))
+                raise InputError(path, f"landmark {i + 1} at ({at}) lies outside the volume "
                                        f"of shape {tuple(int(s) for s in shape[:3])}")
     return arr

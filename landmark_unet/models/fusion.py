@@ -35,7 +35,13 @@ class FusionSegmenter(nn.Module):
         ``forward(image, distance)``: image (B, C, H, W) or a depth-5 stack (B, C, D, H, W); distance, the maps of
         the same samples, (B, L, H, W) or (B, L, D, H, W). Late fusion of a stack uses the maps of its middle slice
         (the slice the network predicts). Returns logits (B, K, H, W).
+
+    Attributes:
+        stack_depth: axial slices per sample the network takes (class attribute; 1 for 2D networks, D for a
+            stack), checked against ``data.stack`` before a run starts (:func:`landmark_unet.config.validate`).
     """
+
+    stack_depth = 1
 
     def __init__(self, trunk: nn.Module, head: nn.Module, fusion: str = "none"):
         super().__init__()

@@ -91,6 +91,8 @@ class UNet3d(FusionSegmenter):
         ValueError: a stack that is not 5 deep, or H, W not divisible by ``2**depth``.
     """
 
+    stack_depth = STACK_DEPTH
+
     def __init__(self, in_channels: int, out_channels: int = 1, features: int = 64, depth: int = 4,
                  fusion: str = "none", map_channels: int = 1):
         trunk_in = fused_channels(in_channels, map_channels, fusion, "trunk")
