@@ -41,3 +41,16 @@ def test_round_trip(tmp_path):
 def test_bad_split_settings_name_the_key(kwargs, key):
     with pytest.raises(InputError, match=key):
         make_split(NAMES, **kwargs)
+
+
+@pytest.mark.parametrize("text, problem", [('["a", "b"]', "found a list"), ('{"train": ["a"]}', "no 'test' list"),
+                                           ("{train", "cannot read")])
+def test_a_malformed_splits_file_is_named(tmp_path, text, problem):
+    from landmark_unet.data.splits import load_split
+    from landmark_unet.errors import InputError
+
+    path = tmp_path / "splits.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=problem) as err:
+        load_split(path)
+    assert err.value.where == str(path)

@@ -79,6 +79,8 @@ def load_split(path: str | Path) -> dict[str, list[str]]:
         raise InputError(path, "splits file is missing") from None
     except (OSError, ValueError) as err:
         raise InputError(path, f"cannot read splits file ({err.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, f"expected a JSON object with 'train' and 'test' lists, found a {type(data).__name__}")
     for key in ("train", "test"):
         if not isinstance(data.get(key), list):
             raise InputError(path, f"no '{key}' list of subject names")
