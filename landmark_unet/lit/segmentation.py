@@ -6,10 +6,10 @@ from collections.abc import Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from landmark_unet.data.augment import AffineAugment
+from landmark_unet.losses import BCELoss
 from landmark_unet.metrics import PerBodyDice
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -32,8 +32,8 @@ def display_slice(x: torch.Tensor) -> torch.Tensor:
 class SegmentationModule(pl.LightningModule):
     """Trains a network that maps images (B, C, H, W) to one logit map per organ (B, K, H, W).
 
-    The loss is the sum over organs of the mean binary cross-entropy with logits (the study's joint-learning loss,
-    section 3.4.3; for one organ it is plain BCE). Validation and test predict every slice of their bodies, cut the
+    The loss is ``loss`` (:mod:`landmark_unet.losses`), by default the sum over organs of the mean binary
+    cross-entropy with logits (the study's joint-learning loss, section 3.4.3; for one organ it is plain BCE). Validation and test predict every slice of their bodies, cut the
     probabilities at ``threshold`` and score Dice per body in 3D (:class:`~landmark_unet.metrics.PerBodyDice`).
 
     Logged: ``train/loss``, ``val/loss``, ``val/dice/<organ>`` (mean over bodies), ``val/dice_mean`` (mean over
@@ -45,6 +45,8 @@ class SegmentationModule(pl.LightningModule):
         organs: organ names, one per output channel.
         optimizer: factory taking the parameters (a Hydra ``_partial_`` optimizer).
         scheduler: optional factory taking the optimizer; stepped once per epoch.
+        loss: maps logits (B, K, H, W) and targets (B, K, H, W) to a scalar; default
+            :class:`~landmark_unet.losses.BCELoss`.
         threshold: probability cut-off for the binary masks.
         augmentation: ranges for :class:`~landmark_unet.data.augment.AffineAugment` (``rotation``, ``scale``,
             ``shear``, ``p``), applied to training batches on the device; never in validation or test.
@@ -64,14 +66,16 @@ class SegmentationModule(pl.LightningModule):
         augmentation: dict | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        loss: nn.Module | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "loss"])
         self.net = net
         self.organs = list(organs)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.threshold = threshold
+        self.loss_fn = loss if loss is not None else BCELoss()
         self.augment = AffineAugment(**(augmentation or {}))
         self.channels_last = channels_last
         if channels_last:
@@ -93,8 +97,7 @@ class SegmentationModule(pl.LightningModule):
         return self.net(image) if distance is None else self.net(image, distance)
 
     def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        per_organ = F.binary_cross_entropy_with_logits(logits.float(), mask, reduction="none").mean(dim=(0, 2, 3))
-        return per_organ.sum()
+        return self.loss_fn(logits, mask)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
