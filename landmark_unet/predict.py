@@ -1,5 +1,8 @@
 """Predict organ masks for new images: ``python -m landmark_unet.predict ckpt=PATH input=IMAGE_OR_DIR output=DIR``.
 
+``ckpt`` may also name several checkpoints (a list, or a glob such as the 5 rounds' best checkpoints): their
+probabilities are averaged (an ensemble; their runs must share the preprocessing).
+
 The model, its channels, normalisation, spacing and landmark maps come from the checkpoint's run
 (``RUN/.hydra/config.yaml``), so an image goes through exactly the preprocessing the model was trained with. Each
 case is read in its own orientation, brought to canonical RAS+ (and to the run's ``data.spacing`` if it set one),
@@ -19,6 +22,7 @@ stream, NaN) stops at that case, with the complete files of the cases before it 
 
 from __future__ import annotations
 
+import glob
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from landmark_unet.checkpoint import load_run_config, load_weights, signature
@@ -49,18 +53,23 @@ from landmark_unet.runinfo import run_postprocess
 log = logging.getLogger(__name__)
 
 
+PREPROCESSING = ("channels", "organs", "normalisation", "ct_window", "modality", "spacing", "stack", "fusion",
+                 "pad_multiple", "landmarks", "channel_names", "image_file")  # run data settings a model depends on
+
+
 @dataclass
 class Predictor:
-    """A trained model with the preprocessing of its run.
+    """One trained model, or an ensemble of models with the same preprocessing, with the preprocessing of its run.
 
     Attributes:
-        model: the LightningModule, in eval mode on ``device``, its BatchNorm folded (``inference.fold_batchnorm``).
+        models: the LightningModules, in eval mode on ``device``, their BatchNorm folded
+            (``inference.fold_batchnorm``); an ensemble averages their probabilities.
         organs: organ of each output channel.
         channels: image channels the model reads.
-        run: the run's data settings (``normalisation``, ``modality``, ``spacing``, ``stack``, ``fusion``, ...).
+        run: the (first) run's data settings (``normalisation``, ``modality``, ``spacing``, ``stack``, ``fusion``...).
     """
 
-    model: torch.nn.Module
+    models: list[torch.nn.Module]
     organs: list[str]
     channels: list[str]
     run: dict
@@ -72,17 +81,36 @@ class Predictor:
     postprocess: dict | None = None  # the run's choice per organ (metrics.json), see landmark_unet.postprocess
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Path, accelerator: str = "auto", precision: str = "auto",
+    def from_checkpoint(cls, ckpt: Path | list[Path], accelerator: str = "auto", precision: str = "auto",
                         threshold: float | None = None, batch_size: int = 16, tta: bool = False) -> Predictor:
-        run_cfg, run_dir = load_run_config(ckpt)
-        model = instantiate(run_cfg.model)
-        load_weights(model, ckpt, signature(run_cfg))
-        data = OmegaConf.to_container(run_cfg.data, resolve=True)
+        """The model of a checkpoint, or the ensemble of a list of checkpoints (the 5 rounds' models, say), each
+        built from the run config beside it. The threshold and post-processing are the first run's.
+
+        Raises:
+            InputError: a checkpoint that cannot be read or does not fit its run, or runs whose preprocessing
+                (:data:`PREPROCESSING`) differs from the first's.
+        """
+        ckpts = [Path(c) for c in (ckpt if isinstance(ckpt, (list, tuple)) else [ckpt])]
         cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
         device = torch.device("cuda" if cuda else "cpu")
+        models, first = [], None
+        for path in ckpts:
+            run_cfg, run_dir = load_run_config(path)
+            model = instantiate(run_cfg.model)
+            load_weights(model, path, signature(run_cfg))
+            models.append(fold_batchnorm(model.eval().to(device)))
+            data = OmegaConf.to_container(run_cfg.data, resolve=True)
+            if first is None:
+                first = (run_cfg, run_dir, data)
+                continue
+            differs = [k for k in PREPROCESSING if data.get(k) != first[2].get(k)]
+            if differs:
+                raise InputError(path, f"cannot join an ensemble with {ckpts[0]}: its run's data.{differs[0]} is "
+                                       f"{data.get(differs[0])!r}, not {first[2].get(differs[0])!r}")
+        run_cfg, run_dir, data = first
         precision = "32-true" if device.type == "cpu" and precision == "auto" else str(resolve_precision(precision))
-        return cls(model=fold_batchnorm(model.eval().to(device)), organs=list(data["organs"]), channels=list(data["channels"]),
-                   run=data, device=device, precision=precision,
+        return cls(models=models, organs=list(data["organs"]), channels=list(data["channels"]), run=data,
+                   device=device, precision=precision,
                    threshold=float(threshold if threshold is not None else run_cfg.model.get("threshold", 0.5)),
                    batch_size=batch_size, tta=tta, postprocess=run_postprocess(run_dir))
 
@@ -126,10 +154,11 @@ class Predictor:
                 distance = subject_maps(points, normalised.shape[1:], spacing, **settings)
             except ValueError as err:  # too few landmarks for the run's pairs
                 raise InputError(case.landmarks or case.name, str(err)) from None
-        prob = predict_volume(self.model, normalised.transpose(3, 0, 1, 2), distance, stack=int(run.get("stack", 1)),
-                              pad_multiple=int(run.get("pad_multiple", 16)), device=self.device,
-                              precision=self.precision, progress=progress, batch_size=self.batch_size, tta=self.tta,
-                              fold=False)
+        volume = normalised.transpose(3, 0, 1, 2)
+        prob = sum(predict_volume(model, volume, distance, stack=int(run.get("stack", 1)),
+                                  pad_multiple=int(run.get("pad_multiple", 16)), device=self.device,
+                                  precision=self.precision, progress=progress, batch_size=self.batch_size,
+                                  tta=self.tta, fold=False) for model in self.models) / len(self.models)
         if target:
             prob = np.clip(geometry.resample_to(prob, target, geometry.spacing_of(images.affine), canonical_shape), 0, 1)
         prob = geometry.from_canonical(prob, images.source_affine)
@@ -163,13 +192,33 @@ def outputs_of(case: str, prob: np.ndarray, masks: np.ndarray, organs: list[str]
     return files
 
 
+def checkpoints(value) -> list[Path]:
+    """``ckpt=``: one checkpoint, a list of them, or glob patterns (``'multirun/x/*/checkpoints/best-*.ckpt'``),
+    expanded and sorted.
+
+    Raises:
+        InputError: a pattern that matches no file.
+    """
+    found = []
+    for item in (list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]):
+        item = str(item)
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise InputError("ckpt", f"no checkpoint matches {item!r}")
+            found += [Path(m) for m in matches]
+        else:
+            found.append(Path(item))
+    return found
+
+
 def predict(cfg: DictConfig) -> list[Path]:
     """Predict every case of ``cfg.input`` into ``cfg.output``; returns the files written."""
     for key in ("ckpt", "input", "output"):
         if not cfg.get(key):
             raise InputError(key, f"required: {key}=PATH")
-    predictor = Predictor.from_checkpoint(Path(cfg.ckpt), cfg.accelerator, cfg.precision, cfg.get("threshold"),
-                                          batch_size=int(cfg.batch_size), tta=bool(cfg.tta))
+    predictor = Predictor.from_checkpoint(checkpoints(cfg.ckpt), cfg.accelerator, cfg.precision,
+                                          cfg.get("threshold"), batch_size=int(cfg.batch_size), tta=bool(cfg.tta))
     channel_names = list(cfg.get("channel_names") or predictor.run.get("channel_names") or predictor.channels)
     cases = input_cases(cfg.input, channel_names, predictor.run.get("image_file", "ct.nii.gz"))
     if cfg.get("landmarks_file"):

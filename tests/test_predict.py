@@ -181,3 +181,34 @@ def test_fused_model_on_a_subject_folder_and_its_reoriented_copy(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0] and str(bad) in lines[0], proc.stderr
         assert not (tmp_path / "never").exists()
+
+
+def test_an_ensemble_averages_its_models_probabilities(tmp_path):
+    """Two runs (other seeds) predicted as an ensemble (``ckpt`` a glob over both) give the mean of their
+    probabilities; a run with other preprocessing cannot join."""
+    ckpts = []
+    for seed in (0, 1):
+        cfg = compose_train(TINY + [f"seed={seed}"], tmp_path / f"r{seed}")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        train(cfg)
+        save_run_config(cfg, tmp_path / f"r{seed}" / "run")
+        ckpts.append(tmp_path / f"r{seed}" / "run" / "checkpoints" / "last.ckpt")
+    subject = sorted((tmp_path / "cache" / "phantom").glob("*/*/fat.nii.gz"))[0].parent
+
+    def prob(ckpt, out):
+        predict(compose_predict([f"ckpt={ckpt}", f"input={subject}", f"output={tmp_path / out}", "probabilities=true"]))
+        return np.asanyarray(nib.load(tmp_path / out / f"{subject.name}_liver_prob.nii.gz").dataobj)
+
+    a, b = prob(ckpts[0], "a"), prob(ckpts[1], "b")
+    assert not np.allclose(a, b)
+    both = prob(str(tmp_path / "r*" / "run" / "checkpoints" / "last.ckpt"), "ab")
+    np.testing.assert_allclose(both, (a + b) / 2, atol=1e-6)
+    other = compose_train(TINY + ["data.normalisation=zscore"], tmp_path / "r2")  # same model, other inputs
+    save_run_config(other, tmp_path / "r2" / "run")
+    (tmp_path / "r2" / "run" / "checkpoints").mkdir()
+    shutil.copy(ckpts[0], tmp_path / "r2" / "run" / "checkpoints" / "last.ckpt")
+    with pytest.raises(InputError, match="cannot join an ensemble"):
+        predict(compose_predict([f"ckpt=[{ckpts[0]},{tmp_path / 'r2' / 'run' / 'checkpoints' / 'last.ckpt'}]",
+                                 f"input={subject}", f"output={tmp_path / 'x'}"]))
+    with pytest.raises(InputError, match="no checkpoint matches"):
+        predict(compose_predict([f"ckpt={tmp_path / 'none*.ckpt'}", f"input={subject}", f"output={tmp_path / 'x'}"]))

@@ -1,0 +1,41 @@
+"""Whole-volume inference: test-time augmentation never mirrors left and right, and undoes what it flips."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from landmark_unet.inference import predict_volume
+
+
+class Spy(nn.Module):
+    """Records every input; its logit map is the first channel (of the middle slice of a stack)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return x[:, :1] if x.ndim == 4 else x[:, :1, x.shape[2] // 2]
+
+
+@pytest.mark.parametrize("stack", [1, 5])
+def test_tta_never_flips_left_right_and_undoes_its_flips(stack):
+    """x (left-right, the H axis of a batch) is never flipped; y (anterior-posterior) and the order of a stack's
+    slices are; each flip is undone, so that an equivariant model gives the same probabilities with and without."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(9, 1, 16, 16)).astype(np.float32)  # (Z, C, X, Y)
+    spy = Spy()
+    plain = predict_volume(spy, image, stack=stack, batch_size=9, fold=False)
+    spy.seen.clear()
+    tta = predict_volume(spy, image, stack=stack, batch_size=9, tta=True, fold=False)
+    np.testing.assert_allclose(tta, plain, atol=1e-6)
+    batches = spy.seen
+    assert len(batches) == (4 if stack > 1 else 2)
+    reference = batches[0]
+    for seen in batches:
+        assert not torch.equal(seen, reference.flip(-2))  # a left-right mirror
+        allowed = [(), (-1,)] + ([(2,), (2, -1)] if stack > 1 else [])
+        assert any(torch.equal(seen, reference.flip(d) if d else reference) for d in allowed)
+    assert any(torch.equal(seen, reference.flip(-1)) for seen in batches)  # the anterior-posterior flip is used
