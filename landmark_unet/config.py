@@ -1,9 +1,11 @@
-"""Config helpers shared by the entry points: OmegaConf resolvers, validation of the top-level keys, precision."""
+"""Config helpers shared by the entry points: OmegaConf resolvers, validation of the top-level keys, precision, and
+the YAML files a run leaves in its ``.hydra`` folder."""
 
 from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -150,3 +152,31 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")  # augmentation, on purpose
     # Dice is logged from PerBodyDice, whose counts are already gathered from every DDP rank
     warnings.filterwarnings("ignore", message=r".*self.log\('(val|test)/dice.*sync_dist=True.*")
+
+
+def read_yaml(path: Path):
+    """A YAML file a run left (``.hydra/config.yaml``, ``overrides.yaml``, ``multirun.yaml``).
+
+    Raises:
+        InputError: the file cannot be read or is not YAML.
+    """
+    try:
+        return OmegaConf.load(path)
+    except Exception as err:  # noqa: BLE001 - OSError, yaml's errors, OmegaConf's: the file is bad either way
+        first = (str(err).strip().splitlines() or [""])[0][:120]
+        raise InputError(path, f"cannot read YAML ({err.__class__.__name__}: {first})") from None
+
+
+def saved_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides a run saved (``<run>/.hydra/overrides.yaml``; [] without one).
+
+    Raises:
+        InputError: the file is not YAML, or not a list.
+    """
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    overrides = read_yaml(path)
+    if not OmegaConf.is_list(overrides):
+        raise InputError(path, "is not a list of overrides")
+    return [str(o) for o in overrides]

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from landmark_unet.checkpoint import load_run_config, load_weights, signature
-from landmark_unet.config import quiet_third_party, resolve_precision
+from landmark_unet.config import quiet_third_party, resolve_precision, saved_overrides
 from landmark_unet.data import geometry
 from landmark_unet.data.layouts import LabelPart, labelled_organs, list_cases
 from landmark_unet.data.organs import organ_bit
@@ -37,7 +37,6 @@ from landmark_unet.postprocess import largest_components
 from landmark_unet.runinfo import (
     run_overrides,
     run_postprocess,
-    saved_overrides,
     summary_lines,
     write_metrics,
 )

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from landmark_unet.config import read_yaml, saved_overrides
 from landmark_unet.data.nifti import atomic_write_bytes
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.errors import InputError, exit_on_input_error
@@ -73,19 +74,6 @@ class Table:
         return min(matches, key=len) if matches else None
 
 
-def read_yaml(path: Path):
-    """A YAML file a run left (``.hydra/config.yaml``, ``overrides.yaml``, ``multirun.yaml``).
-
-    Raises:
-        InputError: the file cannot be read or is not YAML.
-    """
-    try:
-        return OmegaConf.load(path)
-    except Exception as err:  # noqa: BLE001 - OSError, yaml's errors, OmegaConf's: the file is bad either way
-        first = (str(err).strip().splitlines() or [""])[0][:120]
-        raise InputError(path, f"cannot read YAML ({err.__class__.__name__}: {first})") from None
-
-
 def read_metrics(path: Path) -> dict:
     """A run's metrics.json, checked for what the report uses: ``test`` maps each organ to a ``per_body`` mapping
     of body -> Dice (a number).
@@ -108,23 +96,6 @@ def read_metrics(path: Path) -> dict:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InputError(path, f"test.{organ}.per_body.{body}: {value!r} is not a number")
     return metrics
-
-
-def _run_overrides(run_dir: Path) -> list[str]:
-    """The command-line overrides a run saved (``<run>/.hydra/overrides.yaml``; [] without one), read as
-    :func:`landmark_unet.runinfo.saved_overrides` reads them but with an unreadable file named, and without
-    importing runinfo, which imports Lightning (3 s of the report's start-up).
-
-    Raises:
-        InputError: the file is not YAML, or not a list.
-    """
-    path = Path(run_dir) / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
-    overrides = read_yaml(path)
-    if not OmegaConf.is_list(overrides):
-        raise InputError(path, "is not a list of overrides")
-    return [str(o) for o in overrides]
 
 
 def _planned_jobs(multirun_yaml: Path) -> tuple[str | None, list[list[str]]]:
@@ -156,7 +127,7 @@ def collect(dirs: list[Path], baseline: str | None = None) -> dict[str, Table]:
         if not d.is_dir():
             raise InputError(d, "run directory is missing")
         for hydra_dir in sorted(d.rglob(".hydra")):
-            overrides = _run_overrides(hydra_dir.parent)
+            overrides = saved_overrides(hydra_dir.parent)
             seen.add(frozenset(overrides))
             cfg = read_yaml(hydra_dir / "config.yaml") if (hydra_dir / "config.yaml").exists() else {}
             if not isinstance(cfg, dict) and not OmegaConf.is_dict(cfg):

@@ -24,8 +24,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from landmark_unet.config import saved_overrides
 from landmark_unet.errors import InputError
-from landmark_unet.runinfo import saved_overrides
 
 log = logging.getLogger(__name__)
 

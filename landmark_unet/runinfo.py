@@ -24,14 +24,6 @@ def run_overrides() -> list[str]:
         return []
 
 
-def saved_overrides(run_dir: Path) -> list[str]:
-    """The command-line overrides a finished run saved (``<run>/.hydra/overrides.yaml``; [] without one)."""
-    from omegaconf import OmegaConf
-
-    path = Path(run_dir) / ".hydra" / "overrides.yaml"
-    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
-
-
 def run_postprocess(run_dir: Path) -> dict:
     """The post-processing chosen on the validation bodies by a run (its metrics.json ``postprocess``), or {}."""
     path = Path(run_dir) / "metrics.json"
