@@ -1,7 +1,8 @@
 """Training at the study's 2D configuration: the LightningModule against a plain PyTorch loop, fp32 against bf16,
 FLOP utilisation, time waiting for data, and seconds per epoch against the study's Table 1.
 
-    python -m benchmarks.bench_train [--steps 3] [--rounds 2] [--no-compile] [--no-multitask]
+    python -m benchmarks.bench_train [--steps 3] [--rounds 2] [--subjects 50] [--workers 2] [--no-compile]
+                                     [--compile-precisions 32-true,bf16-mixed] [--no-multitask]
 
 Setting (the study's section 3.4): classic U-Net 64-1024 (channels-last, as the model configs set it), batch 10 of
 2 x 256 x 256 fat + water slices of the full-size phantom through the real DataModule and DataLoader (2 workers),
@@ -21,12 +22,15 @@ RMSprop (lr 1e-5, momentum 0.9, weight decay 1e-8), BCE with logits.
   170 s multi-task on a GTX 1080) at the measured Lightning step time; the multi-task network (fat only, five heads)
   is timed the same way in bf16-mixed (fp32 on a GPU as well).
 - **torch.compile** (``model.compile=true``): Lightning arms of the compiled network, after the others.
+- **cuDNN autotuner** (GPU only): the bf16-mixed Lightning arm again with ``trainer.benchmark=true``
+  (``torch.backends.cudnn.benchmark``), interleaved with the plain arm; ``cudnn_benchmark_speedup``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import tempfile
 import time
@@ -80,8 +84,10 @@ class StepClock(pl.Callback):
         self._end = now
 
 
-def lightning_arm(module: SegmentationModule, dm, precision: str, steps: int) -> tuple[list[float], list[float]]:
-    """Step times and data waits (s) of ``steps`` steps through Trainer.fit, after one dropped step."""
+def lightning_arm(module: SegmentationModule, dm, precision: str, steps: int,
+                  benchmark: bool | None = None) -> tuple[list[float], list[float]]:
+    """Step times and data waits (s) of ``steps`` steps through Trainer.fit, after one dropped step; ``benchmark``
+    is the Trainer's cuDNN-autotuner switch (None: leave torch's setting, off by default)."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
     clock = StepClock()
@@ -90,7 +96,7 @@ def lightning_arm(module: SegmentationModule, dm, precision: str, steps: int) ->
                              limit_train_batches=steps + 1, limit_val_batches=0, num_sanity_val_steps=0,
                              logger=TensorBoardLogger(tmp, name="bench"), log_every_n_steps=10,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[clock], default_root_dir=tmp)
+                             callbacks=[clock], default_root_dir=tmp, benchmark=benchmark)
         trainer.fit(module, datamodule=dm)
     return clock.steps[1:], clock.waits[1:]
 
@@ -100,7 +106,7 @@ def plain_arm(module: SegmentationModule, dm, precision: str, steps: int, dev: t
     net = module.net.to(dev).train()
     optimizer = rmsprop()(net.parameters())
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "16-mixed")
-    batches = iter(dm.train_dataloader())
+    batches = itertools.chain.from_iterable(itertools.repeat(dm.train_dataloader()))  # epochs, end to end
     times, end = [], time.perf_counter()
     for _ in range(steps + 1):
         batch = next(batches)
@@ -132,12 +138,13 @@ def step_flops(module: SegmentationModule, dev: torch.device, channels: int) -> 
     return counter.get_total_flops()
 
 
-def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool = True, subjects: int = 50) -> dict:
+def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool = True, subjects: int = 50,
+        workers: int = 2, compile_precisions: list[str] | None = None) -> dict:
     quiet_third_party()
     dev = device()
     precisions = ["32-true", "bf16-mixed"] + (["16-mixed"] if dev.type == "cuda" else [])
     peaks = {p: matmul_peak(PEAK_DTYPE[p], dev) for p in precisions}
-    dm = full_size_datamodule(subjects=subjects)
+    dm = full_size_datamodule(subjects=subjects, workers=workers)
     dm.prepare_data()
     dm.setup("fit")
     module = study_module()
@@ -161,7 +168,7 @@ def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool =
     peaks = {p: max(v, matmul_peak(PEAK_DTYPE[p], dev)) for p, v in peaks.items()}  # best of start and end
 
     out: dict = {"device": device_name(), "threads": torch.get_num_threads(), "steps_per_arm": steps,
-                 "rounds": rounds, "step_gflop": flops / 1e9}
+                 "rounds": rounds, "loader_workers": workers, "step_gflop": flops / 1e9}
     tag = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
     for p in precisions:
         lt, pt = median(lightning[p]), median(plain[p])
@@ -179,9 +186,20 @@ def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool =
     out["seconds_per_epoch_2d"] = out[f"seconds_per_epoch_2d_{tag[fastest]}"]
     out["seconds_per_epoch_2d_precision"] = fastest
 
+    if dev.type == "cuda":  # the cuDNN autotuner, bf16-mixed, interleaved with the default arm
+        tuned, default = [], []
+        for r in range(rounds):
+            for on in ((True, False) if r % 2 == 0 else (False, True)):
+                (tuned if on else default).extend(lightning_arm(module, dm, "bf16-mixed", steps, benchmark=on)[0])
+        out["step_seconds_lightning_bf16_cudnn_benchmark"] = median(tuned)
+        out["cudnn_benchmark_speedup"] = median(default) / median(tuned)
+        out["mfu_bf16_cudnn_benchmark"] = flops / median(tuned) / peaks["bf16-mixed"]
+        print(f"cudnn benchmark bf16: {median(tuned):.4f} vs {median(default):.4f} s/step", flush=True)
+        torch.backends.cudnn.benchmark = False  # the arms below as the ones above (Lightning keeps the last setting)
+
     if compile:
         compiled = study_module(compile=True)
-        for p in precisions:
+        for p in compile_precisions or precisions:
             t0 = time.perf_counter()
             lightning_arm(compiled, dm, p, 1)  # compiles for this precision
             out[f"compile_seconds_{tag[p]}"] = time.perf_counter() - t0
@@ -192,8 +210,8 @@ def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool =
             print(f"compiled {p}: {median(times):.3f} s/step", flush=True)
 
     if multitask:
-        mdm = full_size_datamodule(subjects=subjects, organs=("liver", "kidneys", "pancreas", "spleen", "bladder"),
-                                   channels=("fat",))
+        mdm = full_size_datamodule(subjects=subjects, workers=workers, channels=("fat",),
+                                   organs=("liver", "kidneys", "pancreas", "spleen", "bladder"))
         mdm.prepare_data()
         mdm.setup("fit")
         mt = study_module(multitask=True)
@@ -210,11 +228,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--subjects", type=int, default=50)
+    ap.add_argument("--workers", type=int, default=2, help="loader (and phantom, cache) workers")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-precisions", help="comma-separated; default: every precision of the run")
     ap.add_argument("--no-multitask", action="store_true")
     args = ap.parse_args()
-    print(json.dumps(run(args.steps, args.rounds, not args.no_compile, not args.no_multitask, args.subjects),
-                     indent=2))
+    compile_precisions = args.compile_precisions.split(",") if args.compile_precisions else None
+    print(json.dumps(run(args.steps, args.rounds, not args.no_compile, not args.no_multitask, args.subjects,
+                         args.workers, compile_precisions), indent=2))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from landmark_unet.data.nifti import atomic_write_bytes, nifti_bytes
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.data.sources import CaseImages, case_landmarks, check_case_headers
 from landmark_unet.errors import InputError, exit_on_input_error
-from landmark_unet.inference import fold_batchnorm, predict_volume
+from landmark_unet.inference import inference_network, predict_volume
 from landmark_unet.landmarks.distance import subject_maps
 from landmark_unet.landmarks.io import read_landmarks
 from landmark_unet.postprocess import largest_components
@@ -62,8 +62,8 @@ class Predictor:
     """One trained model, or an ensemble of models with the same preprocessing, with the preprocessing of its run.
 
     Attributes:
-        models: the LightningModules, in eval mode on ``device``, their BatchNorm folded
-            (``inference.fold_batchnorm``); an ensemble averages their probabilities.
+        models: the LightningModules as ``inference.inference_network`` prepares them (eval mode on ``device``,
+            BatchNorm folded on the CPU); an ensemble averages their probabilities.
         organs: organ of each output channel.
         channels: image channels the model reads.
         run: the (first) run's data settings (``normalisation``, ``modality``, ``spacing``, ``stack``, ``fusion``...).
@@ -98,7 +98,7 @@ class Predictor:
             run_cfg, run_dir = load_run_config(path)
             model = instantiate(run_cfg.model)
             load_weights(model, path, signature(run_cfg))
-            models.append(fold_batchnorm(model.eval().to(device)))
+            models.append(inference_network(model, device))
             data = OmegaConf.to_container(run_cfg.data, resolve=True)
             if first is None:
                 first = (run_cfg, run_dir, data)
@@ -158,7 +158,7 @@ class Predictor:
         prob = sum(predict_volume(model, volume, distance, stack=int(run.get("stack", 1)),
                                   pad_multiple=int(run.get("pad_multiple", 16)), device=self.device,
                                   precision=self.precision, progress=progress, batch_size=self.batch_size,
-                                  tta=self.tta, fold=False) for model in self.models) / len(self.models)
+                                  tta=self.tta) for model in self.models) / len(self.models)
         if target:
             prob = np.clip(geometry.resample_to(prob, target, geometry.spacing_of(images.affine), canonical_shape), 0, 1)
         prob = geometry.from_canonical(prob, images.source_affine)

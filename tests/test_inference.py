@@ -27,9 +27,9 @@ def test_tta_never_flips_left_right_and_undoes_its_flips(stack):
     rng = np.random.default_rng(0)
     image = rng.normal(size=(9, 1, 16, 16)).astype(np.float32)  # (Z, C, X, Y)
     spy = Spy()
-    plain = predict_volume(spy, image, stack=stack, batch_size=9, fold=False)
+    plain = predict_volume(spy, image, stack=stack, batch_size=9)
     spy.seen.clear()
-    tta = predict_volume(spy, image, stack=stack, batch_size=9, tta=True, fold=False)
+    tta = predict_volume(spy, image, stack=stack, batch_size=9, tta=True)
     np.testing.assert_allclose(tta, plain, atol=1e-6)
     batches = spy.seen
     assert len(batches) == (4 if stack > 1 else 2)
