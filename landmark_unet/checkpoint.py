@@ -34,12 +34,17 @@ SIGNATURE_KEY = "landmark_unet"  # the entry of a checkpoint that says what its 
 
 
 def signature(cfg: DictConfig) -> dict:
-    """What the weights of a run's checkpoints mean: network class, fusion, image channels, organs, stack depth and
-    landmark-map channels, from its composed config. Stored in every checkpoint (:class:`SignatureCallback`)."""
+    """What the weights of a run's checkpoints mean: network class, fusion, image channels, organs, stack depth,
+    landmark-map channels and output head, from its composed config. Stored in every checkpoint (:class:`SignatureCallback`)."""
     net = cfg.model.net
     return {"network": str(net._target_).rsplit(".", 1)[-1], "fusion": str(cfg.fusion.mode),
             "channels": [str(c) for c in cfg.data.channels], "organs": [str(o) for o in cfg.data.organs],
-            "stack": int(cfg.data.get("stack") or 1), "map_channels": int(net.get("map_channels", 1))}
+            "stack": int(cfg.data.get("stack") or 1), "map_channels": int(net.get("map_channels", 1)),
+            "head": str(cfg.model.get("head", "sigmoid"))}
+
+
+# signature keys added later, with the value that checkpoints written before them stand for
+SIGNATURE_DEFAULTS = {"head": "sigmoid"}
 
 
 class SignatureCallback(pl.Callback):
@@ -92,6 +97,7 @@ def check_checkpoint(ckpt: Path, state: dict, expected: dict, model: nn.Module) 
     """
     found = state.get(SIGNATURE_KEY)
     if isinstance(found, dict):
+        found = SIGNATURE_DEFAULTS | found
         diffs = [f"{k} {found.get(k)!r} (this run: {v!r})" for k, v in expected.items() if found.get(k) != v]
         if diffs:
             raise InputError(ckpt, "checkpoint of another model: " + "; ".join(diffs))

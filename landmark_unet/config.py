@@ -21,14 +21,22 @@ def organs_of(organ: str) -> list[str]:
     return list(ORGANS) if organ == "all" else [organ]
 
 
+def _output_channels(head: str, organs: list) -> int:
+    from landmark_unet.heads import output_channels  # imports torch: only when a model config is resolved
+
+    return output_channels(head, organs)
+
+
 def register_resolvers() -> None:
-    """``${organs:${organ}}``, ``${channels:${content}}``, ``${len:...}`` and
-    ``${map_channels:${landmarks.combine},${landmarks.pairs}}`` for the configs."""
+    """``${organs:${organ}}``, ``${channels:${content}}``, ``${len:...}``,
+    ``${map_channels:${landmarks.combine},${landmarks.pairs}}`` and ``${output_channels:${head},${data.organs}}``
+    for the configs."""
     for name, fn in {
         "organs": organs_of,
         "channels": lambda content: list(CONTENTS.get(content, [content])),
         "len": lambda x: len(x),
         "map_channels": map_channels,
+        "output_channels": _output_channels,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
@@ -53,10 +61,29 @@ def validate(cfg: DictConfig) -> None:
     content = cfg.get("content")
     if content not in CONTENTS:
         raise InputError("content", f"unknown content {content!r} (choose from {', '.join(CONTENTS)})")
+    validate_head(cfg)
     if cfg.get("landmarks") is not None:
         validate_landmarks(cfg.landmarks)
     if OmegaConf.select(cfg, "model.net") is not None and cfg.get("data") is not None:
         validate_model_inputs(cfg)
+
+
+def validate_head(cfg: DictConfig) -> None:
+    """``head`` is known, and the loss fits it: ``loss=dice_ce`` (a softmax over background + organs) with
+    ``head=softmax`` only, and the per-organ sigmoid losses with ``head=sigmoid`` only."""
+    from landmark_unet.heads import HEADS
+
+    head = cfg.get("head")
+    if head is None:
+        return
+    if head not in HEADS:
+        raise InputError("head", f"unknown head {head!r} (choose from {', '.join(HEADS)})")
+    loss = str(OmegaConf.select(cfg, "model.loss._target_") or "")
+    softmax_loss = loss.endswith(".DiceCELoss")
+    if loss and softmax_loss != (head == "softmax"):
+        raise InputError("head" if head == "softmax" else "loss",
+                         "head=softmax needs loss=dice_ce" if head == "softmax"
+                         else "loss=dice_ce needs head=softmax (one softmax over background + the organs)")
 
 
 def validate_landmarks(landmarks: DictConfig) -> None:

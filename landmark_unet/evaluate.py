@@ -32,6 +32,7 @@ from landmark_unet.data.layouts import LabelPart, labelled_organs, list_cases
 from landmark_unet.data.organs import organ_bit
 from landmark_unet.data.sources import label_part_mask, load_nifti, reference_mask
 from landmark_unet.errors import InputError, exit_on_input_error
+from landmark_unet.heads import organ_masks
 from landmark_unet.inference import predict_cached
 from landmark_unet.postprocess import largest_components
 from landmark_unet.runinfo import (
@@ -49,8 +50,9 @@ def score_split(model: torch.nn.Module, datamodule, part: str, tolerance_mm: flo
     against the cached reference masks; with the run's ``postprocess`` choices applied."""
     rows = []
     for name, prob, labels, spacing in predict_cached(model, datamodule, part, device, precision, progress):
+        masks = organ_masks(prob, model.head, model.threshold, dim=0)
         for k, organ in enumerate(datamodule.organs):
-            pred = prob[k] > model.threshold
+            pred = masks[k]
             if (postprocess or {}).get(organ, {}).get("largest_component"):
                 pred = largest_components(pred, organ)
             rows.append({"case": name, "organ": organ,

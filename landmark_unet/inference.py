@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from landmark_unet.heads import probabilities
+
 # flips of a (B, C, [D,] H, W) batch: H is x (left-right, never flipped), W is y (anterior-posterior), D is z
 TTA_2D = ((), (-1,))
 TTA_STACK = ((), (-1,), (2,), (2, -1))
@@ -99,6 +101,7 @@ def predict_volume(
         progress: called with the number of slices done after each batch.
     """
     device = torch.device(device)
+    head = getattr(model, "head", "sigmoid")  # a SegmentationModule's; a bare network has sigmoid outputs
     z, c, x, y = image.shape
     h = _padded(x, pad_multiple, size[0] if size else 0)
     w = _padded(y, pad_multiple, size[1] if size else 0)
@@ -127,7 +130,7 @@ def predict_volume(
             din = None if dist is None else (dist.flip(dims) if dims else dist)
             with autocast(device, precision):
                 logits = model(xin) if din is None else model(xin, din)
-            p = torch.sigmoid(logits.float())
+            p = probabilities(logits, head)
             out_dims = tuple(d for d in dims if d == -1)  # the output is one slice: only the y flip to undo
             prob = prob + (p.flip(out_dims) if out_dims else p)
         prob = (prob / len(flips))[:, :, :x, :y]  # (B, K, X, Y)

@@ -31,6 +31,7 @@ def choose_on_validation(model, datamodule, device, precision: str = "32-true") 
     ``{organ: {"largest_component": bool, "val_dice": raw mean, "val_dice_largest_component": filtered mean}}``;
     {} when the run has no validation bodies."""
     from landmark_unet.data.organs import organ_bit
+    from landmark_unet.heads import organ_masks
     from landmark_unet.inference import predict_cached
 
     if not datamodule.split.get("val"):
@@ -38,8 +39,9 @@ def choose_on_validation(model, datamodule, device, precision: str = "32-true") 
     raw: dict[str, list[float]] = {o: [] for o in datamodule.organs}
     filtered: dict[str, list[float]] = {o: [] for o in datamodule.organs}
     for _, prob, labels, _ in predict_cached(model, datamodule, "val", device, precision):
+        masks = organ_masks(prob, model.head, model.threshold, dim=0)
         for k, organ in enumerate(datamodule.organs):
-            pred, ref = prob[k] > model.threshold, (labels & organ_bit(organ)) > 0
+            pred, ref = masks[k], (labels & organ_bit(organ)) > 0
             raw[organ].append(dice_volume(pred, ref))
             filtered[organ].append(dice_volume(largest_components(pred, organ), ref))
     choice = {}

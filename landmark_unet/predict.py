@@ -44,6 +44,7 @@ from landmark_unet.data.nifti import atomic_write_bytes, nifti_bytes
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.data.sources import CaseImages, case_landmarks, check_case_headers
 from landmark_unet.errors import InputError, exit_on_input_error
+from landmark_unet.heads import organ_masks
 from landmark_unet.inference import inference_network, predict_volume
 from landmark_unet.landmarks.distance import subject_maps
 from landmark_unet.landmarks.io import read_landmarks
@@ -76,6 +77,7 @@ class Predictor:
     device: torch.device
     precision: str
     threshold: float
+    head: str
     batch_size: int = 16
     tta: bool = False
     postprocess: dict | None = None  # the run's choice per organ (metrics.json), see landmark_unet.postprocess
@@ -112,6 +114,7 @@ class Predictor:
         return cls(models=models, organs=list(data["organs"]), channels=list(data["channels"]), run=data,
                    device=device, precision=precision,
                    threshold=float(threshold if threshold is not None else run_cfg.model.get("threshold", 0.5)),
+                   head=str(run_cfg.model.get("head", "sigmoid")),
                    batch_size=batch_size, tta=tta, postprocess=run_postprocess(run_dir))
 
     @property
@@ -168,7 +171,7 @@ class Predictor:
 
     def masks(self, prob: np.ndarray) -> np.ndarray:
         """Binary masks (K, ...) of probabilities (K, ...), with the run's post-processing."""
-        masks = prob > self.threshold
+        masks = organ_masks(prob, self.head, self.threshold, dim=0)
         for k, organ in enumerate(self.organs):
             if (self.postprocess or {}).get(organ, {}).get("largest_component"):
                 masks[k] = largest_components(masks[k], organ)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from landmark_unet.data.augment import AffineAugment
+from landmark_unet.heads import check_head, organ_masks, probabilities
 from landmark_unet.losses import BCELoss
 from landmark_unet.metrics import PerBodyDice
 
@@ -30,7 +31,8 @@ def display_slice(x: torch.Tensor) -> torch.Tensor:
 
 
 class SegmentationModule(pl.LightningModule):
-    """Trains a network that maps images (B, C, H, W) to one logit map per organ (B, K, H, W).
+    """Trains a network that maps images (B, C, H, W) to logit maps (B, K, H, W) (one per organ; K + 1 with a
+    softmax head, background first: :mod:`landmark_unet.heads`).
 
     The loss is ``loss`` (:mod:`landmark_unet.losses`), by default the sum over organs of the mean binary
     cross-entropy with logits (the study's joint-learning loss, section 3.4.3; for one organ it is plain BCE). Validation and test predict every slice of their bodies, cut the
@@ -47,7 +49,8 @@ class SegmentationModule(pl.LightningModule):
         scheduler: optional factory taking the optimizer; stepped once per epoch.
         loss: maps logits (B, K, H, W) and targets (B, K, H, W) to a scalar; default
             :class:`~landmark_unet.losses.BCELoss`.
-        threshold: probability cut-off for the binary masks.
+        threshold: probability cut-off for the binary masks (sigmoid head; a softmax head takes the argmax).
+        head: ``sigmoid`` (one independent map per organ, the study's) or ``softmax`` (background + organs).
         augmentation: ranges for :class:`~landmark_unet.data.augment.AffineAugment` (``rotation``, ``scale``,
             ``shear``, ``p``), applied to training batches on the device; never in validation or test.
         channels_last: keep the 2D convolutions' weights and inputs in channels-last memory format (faster on
@@ -67,6 +70,7 @@ class SegmentationModule(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         loss: nn.Module | None = None,
+        head: str = "sigmoid",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "loss"])
@@ -75,6 +79,7 @@ class SegmentationModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.threshold = threshold
+        self.head = check_head(head)
         self.loss_fn = loss if loss is not None else BCELoss()
         self.augment = AffineAugment(**(augmentation or {}))
         self.channels_last = channels_last
@@ -125,8 +130,8 @@ class SegmentationModule(pl.LightningModule):
     def _evaluate(self, batch: dict, metric: PerBodyDice) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["image"], batch.get("distance"))
         valid = valid_region(batch["size"], logits.shape)
-        prob = torch.sigmoid(logits.float()) * valid
-        metric.update(prob > self.threshold, batch["mask"] > 0.5, batch["subject"])
+        prob = probabilities(logits, self.head) * valid  # (B, K, H, W)
+        metric.update(organ_masks(prob, self.head, self.threshold), batch["mask"] > 0.5, batch["subject"])
         return logits, prob
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -171,9 +176,10 @@ class SegmentationModule(pl.LightningModule):
         image = panel["image"][:x, :y].float()
         image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-6)
         rows = []
+        masks = organ_masks(panel["prob"], self.head, self.threshold, dim=0)
         for k in range(len(self.organs)):
             prob = panel["prob"][k, :x, :y].float()
-            cols = [image, prob, (prob > self.threshold).float(), panel["mask"][k, :x, :y].float()]
+            cols = [image, prob, masks[k, :x, :y].float(), panel["mask"][k, :x, :y].float()]
             rows.append(torch.cat([display_slice(c) for c in cols], dim=1))
         grid = torch.cat(rows, dim=0).clamp(0, 1).cpu()
         writer.add_image("val/panel", grid[None], global_step=self.current_epoch)
