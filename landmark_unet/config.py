@@ -146,6 +146,11 @@ def validate_model_inputs(cfg: DictConfig) -> None:
         if not isinstance(pad, int) or pad < 1 or pad % 2**depth:
             raise InputError("data.pad_multiple", f"is {pad}, but a U-Net of depth {depth} needs slice sizes "
                                                   f"divisible by {2**depth}: use a multiple of {2**depth}")
+        levels = net.get("deep_supervision", 0)
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels < depth:
+            raise InputError("model.net.deep_supervision", f"must be a whole number from 0 to {depth - 1} (the "
+                                                           f"coarser decoder levels of a depth-{depth} U-Net), "
+                                                           f"got {levels!r}")
     crop = data.get("crop")
     if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < pad or crop % pad):
         raise InputError("data.crop", f"must be a positive multiple of {pad} (data.pad_multiple), got {crop}"

@@ -96,3 +96,22 @@ class DiceCELoss(nn.Module):
         p = torch.softmax(logits, dim=1)[:, 1:]
         onehot = torch.stack([labels == k + 1 for k in range(len(self.organs))], dim=1).float()
         return ce + (1 - soft_batch_dice(p, onehot, self.smooth)).mean()
+
+
+def deep_supervision_weights(levels: int) -> list[float]:
+    """Loss weights of the full-resolution output and ``levels`` coarser ones: halving per level (1, 1/2, 1/4, ...),
+    normalised to sum to 1 (nnU-Net's scheme, without its zero weight for the coarsest level)."""
+    raw = [0.5**i for i in range(levels + 1)]
+    return [w / sum(raw) for w in raw]
+
+
+def deep_supervision_loss(loss_fn: nn.Module, outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Weighted sum (:func:`deep_supervision_weights`) of ``loss_fn`` over a deep-supervised network's outputs
+    [(B, K', *S), (B, K', *S/2), ...], each against the target masks (B, K, *S) resized to its size by nearest
+    neighbour (the masks stay binary)."""
+    total = outputs[0].new_zeros((), dtype=torch.float32)
+    for weight, out in zip(deep_supervision_weights(len(outputs) - 1), outputs):
+        t = target if out.shape[2:] == target.shape[2:] else F.interpolate(target.float(), size=out.shape[2:],
+                                                                            mode="nearest")
+        total = total + weight * loss_fn(out, t)
+    return total

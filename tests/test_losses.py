@@ -9,7 +9,13 @@ from hydra.utils import instantiate
 from monai.losses import DiceCELoss as MonaiDiceCELoss
 
 from landmark_unet.heads import class_map, organ_masks, probabilities
-from landmark_unet.losses import BCELoss, DiceBCELoss, DiceCELoss
+from landmark_unet.losses import (
+    BCELoss,
+    DiceBCELoss,
+    DiceCELoss,
+    deep_supervision_loss,
+    deep_supervision_weights,
+)
 
 
 def test_bce_is_summed_over_organs():
@@ -148,3 +154,44 @@ def test_head_and_loss_must_agree(tmp_path, overrides, key):
 
     with pytest.raises(InputError, match=f"^{key}:"):
         validate(compose_train(overrides, tmp_path))
+
+
+def test_deep_supervision_weights_halve_and_sum_to_one():
+    assert deep_supervision_weights(0) == [1.0]
+    assert deep_supervision_weights(3) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15])
+
+
+def test_deep_supervision_loss_by_hand():
+    """Each output against the target resized by nearest neighbour, weighted 2/3 and 1/3."""
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :2] = 1
+    full, half = torch.zeros(1, 1, 4, 4), torch.full((1, 1, 2, 2), 3.0)
+    bce = BCELoss()
+    small = torch.nn.functional.interpolate(target, size=(2, 2), mode="nearest")
+    assert small.flatten().tolist() == [1, 0, 0, 0]
+    expected = 2 / 3 * bce(full, target) + 1 / 3 * bce(half, small)
+    assert deep_supervision_loss(bce, [full, half], target).item() == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("model", ["unet2d", "unet2d_multitask", "unet3d"])
+def test_deep_supervision_outputs_only_while_training(tmp_path, model):
+    cfg = compose_train([f"model={model}", "model.net.features=4", "model.net.deep_supervision=2"], tmp_path)
+    net = instantiate(cfg.model.net)
+    k = cfg.model.net.out_channels
+    x = torch.randn(2, cfg.model.net.in_channels, *((5,) if model == "unet3d" else ()), 32, 32)
+    outputs = net.train()(x)
+    assert [tuple(o.shape) for o in outputs] == [(2, k, 32, 32), (2, k, 16, 16), (2, k, 8, 8)]
+    assert tuple(net.eval()(x).shape) == (2, k, 32, 32)
+    plain = instantiate(compose_train([f"model={model}", "model.net.features=4"], tmp_path).model.net)
+    assert set(plain.state_dict()) < set(net.state_dict())  # the weights of networks without it keep their names
+
+
+def test_deep_supervision_trains_and_is_checked(tmp_path):
+    from landmark_unet.config import validate
+    from landmark_unet.errors import InputError
+    from landmark_unet.train import train
+
+    metrics = train(compose_train(TINY + ["model.net.deep_supervision=2", "loss=dice_bce"], tmp_path))
+    assert math.isfinite(metrics["history"]["val/loss"][0])
+    with pytest.raises(InputError, match="^model.net.deep_supervision: must be a whole number from 0 to 3"):
+        validate(compose_train(["model.net.deep_supervision=4"], tmp_path))

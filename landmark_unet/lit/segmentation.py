@@ -10,7 +10,7 @@ from torch import nn
 
 from landmark_unet.data.augment import AffineAugment
 from landmark_unet.heads import check_head, organ_masks, probabilities
-from landmark_unet.losses import BCELoss
+from landmark_unet.losses import BCELoss, deep_supervision_loss
 from landmark_unet.metrics import PerBodyDice
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -101,7 +101,10 @@ class SegmentationModule(pl.LightningModule):
             image = image.contiguous(memory_format=torch.channels_last)
         return self.net(image) if distance is None else self.net(image, distance)
 
-    def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor | list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """The loss of logits (B, K, H, W), or of a deep-supervised network's outputs (a list while training)."""
+        if isinstance(logits, (list, tuple)):
+            return deep_supervision_loss(self.loss_fn, logits, mask)
         return self.loss_fn(logits, mask)
 
     def setup(self, stage: str) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from landmark_unet.models.blocks import DoubleConv
-from landmark_unet.models.fusion import FusionSegmenter, fused_channels
+from landmark_unet.models.fusion import FusionSegmenter, auxiliary_heads, fused_channels
 from landmark_unet.models.unet2d import UNet2dTrunk
 
 
@@ -39,15 +39,16 @@ class UNet2dMultiTask(FusionSegmenter):
         depth: pooling levels (4).
         fusion: ``none`` | ``early`` | ``late`` (late: the maps join every head's input).
         map_channels: distance-map channels L.
+        deep_supervision: auxiliary 1x1 heads (all organs at once) on the n coarser decoder levels.
 
     Shapes:
         ``forward(image, distance=None)``: (B, C, H, W) [, (B, L, H, W)] -> logits (B, K, H, W).
     """
 
     def __init__(self, in_channels: int, out_channels: int = 5, features: int = 64, depth: int = 4,
-                 fusion: str = "none", map_channels: int = 1):
+                 fusion: str = "none", map_channels: int = 1, deep_supervision: int = 0):
         trunk = UNet2dTrunk(fused_channels(in_channels, map_channels, fusion, "trunk"), features, depth,
                             last_conv=False)
         head = MultiTaskHead(fused_channels(trunk.out_channels, map_channels, fusion, "head"), features, out_channels)
-        super().__init__(trunk, head, fusion)
+        super().__init__(trunk, head, fusion, auxiliary_heads(trunk, out_channels, deep_supervision))
         self.size_multiple = 2**depth

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from landmark_unet.models.blocks import DoubleConv, Down, Up
-from landmark_unet.models.fusion import FusionSegmenter, fused_channels
+from landmark_unet.models.fusion import FusionSegmenter, auxiliary_heads, fused_channels
 
 
 class UNet2dTrunk(nn.Module):
@@ -25,7 +25,9 @@ class UNet2dTrunk(nn.Module):
 
     Shapes:
         input (B, C, H, W) (or what ``stem`` takes) with H and W divisible by ``2**depth``; output
-        (B, out_channels, H, W), the last decoder feature map.
+        (B, out_channels, H, W), the last decoder feature map. ``forward(x, levels=n)`` also returns the decoder's
+        maps at the n coarser levels, [(B, features * 2, H/2, W/2), (B, features * 4, H/4, W/4), ...] (deep
+        supervision; :meth:`level_channels` gives their widths).
 
     Raises:
         ValueError: H or W not divisible by ``2**depth``.
@@ -37,6 +39,7 @@ class UNet2dTrunk(nn.Module):
         if in_channels < 1 or features < 1 or depth < 1:
             raise ValueError(f"in_channels, features and depth must be >= 1, got {in_channels}, {features}, {depth}")
         self.depth = depth
+        self.features = features
         self.last_conv = last_conv
         self.out_channels = features if last_conv else 2 * features
         widths = [features * 2**i for i in range(depth + 1)]
@@ -44,17 +47,26 @@ class UNet2dTrunk(nn.Module):
         self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(depth))
         self.ups = nn.ModuleList(Up(widths[i + 1], widths[i]) for i in reversed(range(depth)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def level_channels(self, level: int) -> int:
+        """Width of the decoder's map at ``level`` (0: full resolution, 1: half, ...)."""
+        return self.features * 2**level
+
+    def forward(self, x: torch.Tensor, levels: int = 0) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         m = 2**self.depth
         if x.shape[-1] % m or x.shape[-2] % m:
             raise ValueError(f"U-Net of depth {self.depth} needs H and W divisible by {m}, got {tuple(x.shape[-2:])}")
+        if not 0 <= levels < self.depth:
+            raise ValueError(f"a U-Net of depth {self.depth} has {self.depth - 1} coarser decoder levels, not {levels}")
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
         x = skips.pop()
+        coarse = []
         for i, up in enumerate(self.ups):
             x = up(x, skips.pop(), conv=self.last_conv or i < len(self.ups) - 1)
-        return x
+            if len(self.ups) - 1 - i <= levels and i < len(self.ups) - 1:
+                coarse.append(x)
+        return (x, coarse[::-1]) if levels else x  # coarse: half resolution first
 
 
 class UNet2d(FusionSegmenter):
@@ -68,6 +80,8 @@ class UNet2d(FusionSegmenter):
         depth: pooling levels (the study: 4).
         fusion: ``none`` | ``early`` (maps as extra input channels) | ``late`` (maps concatenated before the head).
         map_channels: distance-map channels L.
+        deep_supervision: auxiliary 1x1 heads on the decoder's n coarser levels (0: none; at most depth - 1);
+            while training the network returns [logits, (B, K, H/2, W/2), ...] (:class:`FusionSegmenter`).
 
     Shapes:
         ``forward(image, distance=None)``: image (B, in_channels, H, W), H and W divisible by ``2**depth``;
@@ -78,8 +92,8 @@ class UNet2d(FusionSegmenter):
     """
 
     def __init__(self, in_channels: int, out_channels: int = 1, features: int = 64, depth: int = 4,
-                 fusion: str = "none", map_channels: int = 1):
+                 fusion: str = "none", map_channels: int = 1, deep_supervision: int = 0):
         trunk = UNet2dTrunk(fused_channels(in_channels, map_channels, fusion, "trunk"), features, depth)
         head = nn.Conv2d(fused_channels(features, map_channels, fusion, "head"), out_channels, kernel_size=1)
-        super().__init__(trunk, head, fusion)
+        super().__init__(trunk, head, fusion, auxiliary_heads(trunk, out_channels, deep_supervision))
         self.size_multiple = 2**depth

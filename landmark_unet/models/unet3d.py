@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landmark_unet.models.fusion import FusionSegmenter, fused_channels
+from landmark_unet.models.fusion import FusionSegmenter, auxiliary_heads, fused_channels
 from landmark_unet.models.unet2d import UNet2dTrunk
 
 STACK_DEPTH = 5
@@ -82,6 +82,7 @@ class UNet3d(FusionSegmenter):
         fusion: ``none`` | ``early`` (maps of all five slices as extra channels) | ``late`` (the middle slice's
             maps before the head).
         map_channels: distance-map channels L.
+        deep_supervision: auxiliary heads on the n coarser decoder levels (:class:`~.unet2d.UNet2d`).
 
     Shapes:
         ``forward(image, distance=None)``: image (B, C, 5, H, W), distance (B, L, 5, H, W) -> logits (B, K, H, W)
@@ -94,9 +95,9 @@ class UNet3d(FusionSegmenter):
     stack_depth = STACK_DEPTH
 
     def __init__(self, in_channels: int, out_channels: int = 1, features: int = 64, depth: int = 4,
-                 fusion: str = "none", map_channels: int = 1):
+                 fusion: str = "none", map_channels: int = 1, deep_supervision: int = 0):
         trunk_in = fused_channels(in_channels, map_channels, fusion, "trunk")
         trunk = UNet2dTrunk(trunk_in, features, depth, stem=Stem3d(trunk_in, features))
         head = nn.Conv2d(fused_channels(features, map_channels, fusion, "head"), out_channels, kernel_size=1)
-        super().__init__(trunk, head, fusion)
+        super().__init__(trunk, head, fusion, auxiliary_heads(trunk, out_channels, deep_supervision))
         self.size_multiple = 2**depth
