@@ -3,9 +3,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from landmark_unet.data.organs import organ_bit
 from landmark_unet.data.patches import PatchDataset, crop_patch, foreground_coordinates
+from landmark_unet.data.slices import collate
 
 
 class Entry:
@@ -146,3 +148,32 @@ def test_foreground_coordinates_are_subsampled_evenly():
     assert len(all_) == 40 and len(few) == 10
     assert sorted(set(few[:, 0].tolist())) == list(range(10))  # every slice of the organ kept
     assert len(foreground_coordinates(labels, 2)) == 0
+
+
+def test_batches_collate():
+    image = np.ones((4, 2, 6, 6), np.float16)
+    labels = np.zeros((4, 6, 6), np.uint8)
+    distance = np.ones((4, 3, 6, 6), np.float32)
+    ds = PatchDataset([Entry(image, labels, distance)], ["liver", "spleen"], [1], (4, 8, 8), 1 / 3, 5,
+                      distance_key="k")
+    batch = next(iter(DataLoader(ds, batch_size=2, collate_fn=collate)))
+    assert batch["image"].shape == (2, 1, 4, 8, 8) and batch["mask"].shape == (2, 2, 4, 8, 8)
+    assert batch["distance"].shape == (2, 3, 4, 8, 8) and batch["size"].shape == (2, 3)
+    assert batch["subject"].tolist() == [0, 0] and batch["forced"].tolist() == [False, False]  # no foreground
+
+
+def test_memory_mapped_cache_entries_give_the_same_patches(tmp_path):
+    from landmark_unet.data.cache import load_entry
+
+    entry = small_organ_entry()
+    entry.distance = np.random.default_rng(1).uniform(size=(SHAPE[0], 2, *SHAPE[1:])).astype(np.float32)
+    np.save(tmp_path / "image.npy", entry.image)
+    np.save(tmp_path / "labels.npy", entry.labels)
+    np.save(tmp_path / "distance-k.npy", entry.distance)
+    (tmp_path / "meta.json").write_text('{"name": "s0"}')
+    cached = load_entry(tmp_path)
+    a, b = (PatchDataset([e], ["liver"], [1, 0], PATCH, 0.5, 4, seed=2, distance_key="k") for e in (entry, cached))
+    for i in range(4):
+        x, y = a[i], b[i]
+        for key in ("image", "mask", "distance", "origin", "size"):
+            assert torch.equal(x[key], y[key]), key

@@ -171,7 +171,7 @@ class PatchDataset(Dataset):
         self.distance_key = distance_key
         self.epoch = int(epoch)
         self.max_foreground = int(max_foreground)
-        self._foreground: dict[int, list[np.ndarray]] = {}
+        self._foreground: dict[int, tuple[tuple[int, ...], list[np.ndarray]]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -179,19 +179,21 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def foreground(self, e: int) -> list[np.ndarray]:
-        """Per organ, the (subsampled) foreground coordinates of entry ``e`` (computed once per process)."""
+    def foreground(self, e: int) -> tuple[tuple[int, ...], list[np.ndarray]]:
+        """The (Z, X, Y) shape of entry ``e`` and, per organ, its (subsampled) foreground coordinates (read once
+        per process)."""
         if e not in self._foreground:
             labels = np.asarray(self.entries[e].label_volume())
-            self._foreground[e] = [foreground_coordinates(labels, int(b), self.max_foreground) for b in self.bits]
+            coords = [foreground_coordinates(labels, int(b), self.max_foreground) for b in self.bits]
+            self._foreground[e] = (labels.shape, coords)
         return self._foreground[e]
 
     def draw(self, i: int) -> tuple[int, tuple[int, int, int], bool]:
         """(entry, origin, forced) of item ``i`` of the current epoch."""
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, int(i)]))
         e = int(rng.integers(len(self.entries)))
-        labels = self.entries[e].label_volume()
-        origin, forced = sample_origin(labels.shape, self.patch_size, self.foreground(e), self.fraction, rng)
+        shape, coords = self.foreground(e)
+        origin, forced = sample_origin(shape, self.patch_size, coords, self.fraction, rng)
         return e, origin, forced
 
     def __getitem__(self, i: int) -> dict:
