@@ -37,9 +37,9 @@ class FusionSegmenter(nn.Module):
     """trunk + head, with the landmark distance maps fused early or late, and optional deep supervision.
 
     Args:
-        trunk: maps (B, C [+ L], *spatial_in) to features (B, F, H, W); with ``levels=n`` also to the decoder's
-            n coarser maps (deep supervision).
-        head: maps (B, F [+ L], H, W) to logits (B, K, H, W).
+        trunk: maps (B, C [+ L], *spatial_in) to features (B, F, H, W) (or (B, F, D, H, W) for a volumetric
+            network); with ``levels=n`` also to the decoder's n coarser maps (deep supervision).
+        head: maps (B, F [+ L], H, W) to logits (B, K, H, W) (or the same with D).
         fusion: ``none`` | ``early`` | ``late``.
         aux_heads: deep supervision's heads (:func:`auxiliary_heads`), one per coarser level; they see the
             trunk's maps only (late fusion feeds the main head).
@@ -83,8 +83,9 @@ class FusionSegmenter(nn.Module):
             d = distance
             if d.ndim == features.ndim + 1:  # a stack: the middle slice's maps
                 d = d[:, :, d.shape[2] // 2]
-            if d.shape[-2:] != features.shape[-2:]:
-                d = F.interpolate(d, size=features.shape[-2:], mode="bilinear", align_corners=False)
+            if d.shape[2:] != features.shape[2:]:  # (bi|tri)linear for 2D | volumetric features
+                d = F.interpolate(d, size=features.shape[2:], mode="trilinear" if d.ndim == 5 else "bilinear",
+                                  align_corners=False)
             features = torch.cat([features, d.to(features.dtype)], dim=1)
         logits = self.head(features)
         return [logits, *(h(c) for h, c in zip(aux, coarse))] if aux else logits
