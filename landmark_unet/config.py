@@ -142,15 +142,24 @@ def validate_model_inputs(cfg: DictConfig) -> None:
                                            f"({'model=unet3d' if stack == 5 else 'data.stack=' + str(takes)})")
     depth = net.get("depth")
     pad = data.get("pad_multiple", 16)
-    if isinstance(depth, int) and depth >= 1:
+    if stack == 0 and net.get("pool_kernels") is not None:
+        from landmark_unet.models.unet3d_full import size_multiple
+
+        multiple = size_multiple(net.pool_kernels)
+        patch = list(data.get("patch_size") or [])
+        if len(patch) != 3 or any(not isinstance(p, int) or p < m or p % m for p, m in zip(patch, multiple)):
+            raise InputError("data.patch_size", f"is {patch}, but model.net.pool_kernels need [z, x, y] sizes "
+                                                f"divisible by {list(multiple)}")
+    elif isinstance(depth, int) and depth >= 1:
         if not isinstance(pad, int) or pad < 1 or pad % 2**depth:
             raise InputError("data.pad_multiple", f"is {pad}, but a U-Net of depth {depth} needs slice sizes "
                                                   f"divisible by {2**depth}: use a multiple of {2**depth}")
-        levels = net.get("deep_supervision", 0)
-        if isinstance(levels, bool) or not isinstance(levels, int) or not 0 <= levels < depth:
-            raise InputError("model.net.deep_supervision", f"must be a whole number from 0 to {depth - 1} (the "
-                                                           f"coarser decoder levels of a depth-{depth} U-Net), "
-                                                           f"got {levels!r}")
+    levels = net.get("deep_supervision", 0)
+    if isinstance(depth, int) and (isinstance(levels, bool) or not isinstance(levels, int)
+                                   or not 0 <= levels < depth):
+        raise InputError("model.net.deep_supervision", f"must be a whole number from 0 to {depth - 1} (the "
+                                                       f"coarser decoder levels of a depth-{depth} U-Net), "
+                                                       f"got {levels!r}")
     crop = data.get("crop")
     if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < pad or crop % pad):
         raise InputError("data.crop", f"must be a positive multiple of {pad} (data.pad_multiple), got {crop}"

@@ -3,10 +3,13 @@
 Inputs are laid out like the cache (:mod:`landmark_unet.data.cache`): the image (Z, C, X, Y), normalised, and the
 landmark distance maps (Z', L, X, Y) with Z' = Z, or 1 for in-plane maps. Slices are zero-padded at the high end of
 x and y (as in training and evaluation), run in batches on one device, and the sigmoid probabilities cropped back.
-The output is (K, X, Y, Z): one probability map per organ on the canonical grid of the input.
+The output is (K, X, Y, Z): one probability map per organ on the canonical grid of the input. A volumetric patch
+network (``stack=0``, ``model=unet3d_full``) runs by Gaussian-weighted sliding windows instead
+(:mod:`landmark_unet.sliding_window`), with the same inputs and output.
 
 Test-time augmentation (``tta=True``) averages the probabilities over flips that keep the patient's left and right
-apart: the anterior-posterior axis (y) and, for depth-5 stacks, the order of the slices (z). A left-right mirror
+apart: the anterior-posterior axis (y) and, for depth-5 stacks and 3D patches, the order of the slices (z). A
+left-right mirror
 would turn the right kidney into a left one and put the liver where the spleen belongs, so it is never used.
 """
 
@@ -25,6 +28,7 @@ from landmark_unet.heads import probabilities
 # flips of a (B, C, [D,] H, W) batch: H is x (left-right, never flipped), W is y (anterior-posterior), D is z
 TTA_2D = ((), (-1,))
 TTA_STACK = ((), (-1,), (2,), (2, -1))
+TTA_VOLUME = ((), (3,), (0,), (0, 3))  # on the (Z, C, X, Y) volume: none, y, z, both
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -102,6 +106,8 @@ def predict_volume(
     """
     device = torch.device(device)
     head = getattr(model, "head", "sigmoid")  # a SegmentationModule's; a bare network has sigmoid outputs
+    if stack == 0:
+        return _predict_volumetric(model, image, distance, tta, device, precision, head)
     z, c, x, y = image.shape
     h = _padded(x, pad_multiple, size[0] if size else 0)
     w = _padded(y, pad_multiple, size[1] if size else 0)
@@ -141,6 +147,28 @@ def predict_volume(
             progress(len(ks))
     assert out is not None
     return out.numpy()
+
+
+def _predict_volumetric(model: nn.Module, image: np.ndarray, distance: np.ndarray | None, tta: bool,
+                        device: torch.device, precision: str, head: str) -> np.ndarray:
+    """:func:`predict_volume` of a volumetric patch network (a SegmentationModule with ``sliding_window``
+    settings), averaged over :data:`TTA_VOLUME` flips with ``tta``."""
+    from landmark_unet.sliding_window import predict_volume_3d
+
+    sw = model.sliding_window
+    total = 0
+    flips = TTA_VOLUME if tta else ((),)
+    for dims in flips:
+        img = np.flip(image, dims) if dims else image
+        maps = distance
+        if dims and distance is not None:  # in-plane maps (Z' = 1) have no z to flip
+            maps = np.flip(distance, tuple(d for d in dims if d != 0 or distance.shape[0] > 1))
+        prob = predict_volume_3d(model, np.ascontiguousarray(img), None if maps is None else np.ascontiguousarray(maps),
+                                 sw["patch_size"], model.net.size_multiple, float(sw.get("overlap", 0.5)),
+                                 int(sw.get("batch_size", 2)), device, precision, head)  # (K, X, Y, Z)
+        undo = tuple({0: 3, 3: 2}[d] for d in dims)  # z and y of (Z, C, X, Y) are axes 3 and 2 of (K, X, Y, Z)
+        total = total + (np.flip(prob, undo) if undo else prob)
+    return np.ascontiguousarray(total / len(flips), dtype=np.float32)
 
 
 def predict_cached(model: nn.Module, datamodule, part: str, device: torch.device, precision: str = "32-true",

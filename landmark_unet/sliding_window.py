@@ -19,9 +19,9 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from landmark_unet.heads import check_head, probabilities
 from landmark_unet.inference import autocast
 
-HEADS = ("sigmoid", "softmax")
 SIGMA_SCALE = 0.125  # Gaussian sigma per axis, as a share of the patch size (nnU-Net's 1/8)
 
 
@@ -65,8 +65,7 @@ def predict_volume_3d(
     Raises:
         ValueError: unknown head, bad shapes, a patch not divisible by ``size_multiple``, overlap out of range.
     """
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r} (choose from {', '.join(HEADS)})")
+    check_head(head)
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     patch = tuple(int(p) for p in patch_size)
@@ -80,28 +79,35 @@ def predict_volume_3d(
         raise ValueError(f"image must be (Z, C, X, Y), got shape {image.shape}")
     device = torch.device(device)
     z, c, x, y = image.shape
-    padded = [max(p, -(-n // m) * m) for n, p, m in zip((z, x, y), patch, multiple)]
+    if distance is not None and (distance.ndim != 4 or distance.shape[0] not in (1, z)
+                                 or distance.shape[2:] != (x, y)):
+        raise ValueError(f"distance maps must be (Z or 1, L, X, Y) = ({z} or 1, L, {x}, {y}), got {distance.shape}")
+    image_t = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)
+    maps_t = None if distance is None else torch.as_tensor(np.asarray(distance, dtype=np.float32), device=device)
+    prob = stitch(model, image_t, maps_t, patch, multiple, overlap, batch_size, precision, head)
+    return prob.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def stitch(model: nn.Module, image: torch.Tensor, distance: torch.Tensor | None, patch: Sequence[int],
+           size_multiple: Sequence[int], overlap: float, batch_size: int, precision: str,
+           head: str) -> torch.Tensor:
+    """The core of :func:`predict_volume_3d` on tensors already on the model's device (validation runs it on
+    its batches): image (Z, C, X, Y), distance (Z', L, X, Y) or None -> probabilities (K, Z, X, Y) float32."""
+    z, c, x, y = image.shape
+    padded = [max(p, -(-n // m) * m) for n, p, m in zip((z, x, y), patch, size_multiple)]
     channels = c + (0 if distance is None else distance.shape[1])
-    vol = torch.zeros((1, channels, *padded), dtype=torch.float32, device=device)  # (1, C [+ L], D, H, W)
-    vol[0, :c, :z, :x, :y] = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device).transpose(0, 1)
+    vol = image.new_zeros((1, channels, *padded), dtype=torch.float32)  # (1, C [+ L], D, H, W)
+    vol[0, :c, :z, :x, :y] = image.float().transpose(0, 1)
     if distance is not None:
-        if distance.ndim != 4 or distance.shape[0] not in (1, z) or distance.shape[2:] != (x, y):
-            raise ValueError(f"distance maps must be (Z or 1, L, X, Y) = ({z} or 1, L, {x}, {y}), got "
-                             f"{distance.shape}")
-        maps = torch.as_tensor(np.asarray(distance, dtype=np.float32), device=device).transpose(0, 1)
-        vol[0, c:, :z, :x, :y] = maps  # (L, Z' , X, Y) broadcasts along z when Z' = 1
+        vol[0, c:, :z, :x, :y] = distance.float().transpose(0, 1)  # (L, Z', X, Y) broadcasts along z when Z' = 1
 
     def predictor(windows: torch.Tensor) -> torch.Tensor:
         img, maps = windows[:, :c], windows[:, c:]
-        with autocast(device, precision):
+        with autocast(image.device, precision):
             logits = model(img) if distance is None else model(img, maps)
-        logits = logits.float()
-        if head == "sigmoid":
-            return torch.sigmoid(logits)
-        return torch.softmax(logits, dim=1)[:, 1:]
+        return probabilities(logits, head)  # activation first, then the Gaussian-weighted average
 
-    prob = sliding_window_inference(vol, roi_size=patch, sw_batch_size=batch_size, predictor=predictor,
+    prob = sliding_window_inference(vol, roi_size=tuple(patch), sw_batch_size=batch_size, predictor=predictor,
                                     overlap=overlap, mode="gaussian", sigma_scale=SIGMA_SCALE,
                                     padding_mode="constant", cval=0.0)
-    prob = torch.as_tensor(prob)[0, :, :z, :x, :y]  # (K, Z, X, Y); a plain tensor, not MONAI's MetaTensor
-    return prob.permute(0, 2, 3, 1).float().cpu().numpy()
+    return torch.as_tensor(prob)[0, :, :z, :x, :y].float()  # a plain tensor, not MONAI's MetaTensor

@@ -39,3 +39,29 @@ def test_tta_never_flips_left_right_and_undoes_its_flips(stack):
         allowed = [(), (-1,)] + ([(2,), (2, -1)] if stack > 1 else [])
         assert any(torch.equal(seen, reference.flip(d) if d else reference) for d in allowed)
     assert any(torch.equal(seen, reference.flip(-1)) for seen in batches)  # the anterior-posterior flip is used
+
+
+class RampVolume(nn.Module):
+    """A volumetric patch network (stack 0) whose logit is the image plus a ramp along x (the H axis of a patch):
+    equivariant under flips of z and y, not of x."""
+
+    head = "sigmoid"
+    sliding_window = {"patch_size": [8, 8, 8], "overlap": 0.5, "batch_size": 2}
+
+    def __init__(self):
+        super().__init__()
+        self.net = type("Net", (), {"size_multiple": (1, 1, 1)})()
+
+    def forward(self, x):
+        return x[:, :1] + torch.linspace(-3, 3, x.shape[3]).view(1, 1, 1, -1, 1)
+
+
+def test_volumetric_tta_never_flips_left_right():
+    """One window covers the volume, so flips of z and y, undone, give the plain output exactly; a left-right flip
+    would not (the ramp)."""
+    image = np.random.default_rng(1).normal(size=(8, 1, 8, 8)).astype(np.float32)  # (Z, C, X, Y)
+    plain = predict_volume(RampVolume(), image, stack=0)
+    assert plain.shape == (1, 8, 8, 8)
+    np.testing.assert_allclose(plain[0], 1 / (1 + np.exp(-(image[:, 0].transpose(1, 2, 0) + np.linspace(
+        -3, 3, 8)[:, None, None]))), atol=1e-5)
+    np.testing.assert_allclose(predict_volume(RampVolume(), image, stack=0, tta=True), plain, atol=1e-5)

@@ -98,3 +98,57 @@ def test_bad_arguments(kwargs, match):
 def test_input_not_divisible_is_rejected():
     with pytest.raises(ValueError, match=r"divisible by \(4, 4, 4\)"):
         build(depth=2)(torch.randn(1, 2, 6, 8, 8))
+
+
+TINY_3D = ["model=unet3d_full", "data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
+           "model.net.features=4", "data.num_workers=0", "data.split.rounds=3", "trainer.max_epochs=1",
+           "data.patch_size=[16,32,32]", "model.net.pool_kernels=[[1,2,2],[2,2,2]]", "model.net.depth=2",
+           "data.samples_per_epoch=4"]
+
+
+@pytest.mark.parametrize("overrides", [["fusion=early"],
+                                       ["fusion=late", "head=softmax", "loss=dice_ce", "organ=all",
+                                        "model.net.deep_supervision=1", "trainer.precision=bf16-mixed"]])
+def test_fast_dev_run(tmp_path, overrides):
+    """model=unet3d_full through the real config and Trainer: 3D patches in training, whole bodies by sliding
+    windows in validation and test, with each fusion, both heads, deep supervision and mixed precision."""
+    import math
+
+    from conftest import compose_train
+
+    from landmark_unet.train import train
+
+    cfg = compose_train(TINY_3D + ["+trainer.fast_dev_run=true", *overrides], tmp_path)
+    metrics = train(cfg)
+    assert set(metrics["test"]) == set(cfg.data.organs)
+    assert all(math.isfinite(v["dice_mean"]) for v in metrics["test"].values())
+
+
+def test_whole_body_prediction_of_a_trained_patch_network(tmp_path):
+    """After training, whole-volume inference (evaluate's and predict's path) gives one probability map per
+    organ on the body's grid, equal to what validation scored."""
+    from conftest import compose_train
+    from hydra.utils import instantiate
+
+    from landmark_unet.inference import inference_network, predict_cached
+    from landmark_unet.train import train
+
+    cfg = compose_train(TINY_3D + ["fusion=early"], tmp_path)
+    metrics = train(cfg)
+    model = instantiate(cfg.model)
+    dm = instantiate(cfg.data)
+    dm.setup("test")
+    name, prob, labels, _ = next(predict_cached(inference_network(model, torch.device("cpu")), dm, "test",
+                                                torch.device("cpu")))
+    assert prob.shape == (1, *labels.shape) and 0 <= prob.min() and prob.max() <= 1
+    assert name in metrics["test"]["liver"]["per_body"]
+
+
+def test_patch_size_must_fit_the_pooling(tmp_path):
+    from conftest import compose_train
+
+    from landmark_unet.config import validate
+    from landmark_unet.errors import InputError
+
+    with pytest.raises(InputError, match=r"^data.patch_size: is \[60, 160, 160\], but .* divisible by \[16, 32, 32\]"):
+        validate(compose_train(["model=unet3d_full", "data.patch_size=[60,160,160]"], tmp_path))

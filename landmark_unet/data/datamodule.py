@@ -1,7 +1,9 @@
-"""LightningDataModule of 2D axial slices: data source -> cache -> split -> slice datasets.
+"""LightningDataModule of 2D axial slices (or 3D patches): data source -> cache -> split -> datasets.
 
 Training visits only the slices that hold the organ(s) being learned (the study's section 3.4.2); validation and
-test visit every slice of their bodies, in order, so that predictions can be scored per body in 3D.
+test visit every slice of their bodies, in order, so that predictions can be scored per body in 3D. With
+``stack=0`` (the volumetric ``model=unet3d_full``) training draws 3D patches with foreground oversampling
+(:class:`~landmark_unet.data.patches.PatchDataset`) and validation and test take whole bodies, one per batch.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from landmark_unet.data.cache import (
 )
 from landmark_unet.data.layouts import CHANNELS, LAYOUTS, Case, labelled_organs, list_cases
 from landmark_unet.data.organs import ORGANS, organ_bit
+from landmark_unet.data.patches import BodyDataset, PatchDataset
 from landmark_unet.data.slices import (
     EpochShuffle,
     EvalShardSampler,
@@ -121,7 +124,11 @@ class SliceDataModule(pl.LightningDataModule):
         landmarks: the ``landmarks`` config: ``source`` (file | detect | auto), ``on_missing`` (error | skip) and
             the map settings of :func:`~landmark_unet.landmarks.distance.subject_maps` (``encoding``, ``units``,
             ``space``, ``combine``, ``pairs``, ``sigma_mm``).
-        stack: slices per sample: 1 (2D networks) or 5 (the depth-5 network: slices k-2 .. k+2, edges repeated).
+        stack: slices per sample: 1 (2D networks) or 5 (the depth-5 network: slices k-2 .. k+2, edges repeated);
+            0: volumetric, 3D training patches of ``patch_size`` and whole bodies for evaluation.
+        patch_size: (D, H, W) voxels (z, x, y) of a training patch, with ``stack=0``; ``foreground_fraction`` of
+            the patches are forced to hold an organ (nnU-Net: 1/3).
+        samples_per_epoch: training patches per epoch, with ``stack=0``.
         crop: random in-plane ``crop x crop`` window of each training sample (the study's depth-5 runs: 256 or 208;
             divisible by ``pad_multiple``); evaluation always sees the whole slice.
     """
@@ -149,6 +156,8 @@ class SliceDataModule(pl.LightningDataModule):
         landmarks: dict | None = None,
         stack: int = 1,
         crop: int | None = None,
+        patch_size: Sequence[int] | None = None,
+        samples_per_epoch: int = 250,
         labels: dict | None = None,
         channel_names: Sequence[str] | None = None,
         image_file: str = "ct.nii.gz",
@@ -201,8 +210,15 @@ class SliceDataModule(pl.LightningDataModule):
         if fusion not in FUSIONS:
             raise InputError("fusion", f"unknown fusion {fusion!r} (choose from {', '.join(FUSIONS)})")
         self.fusion = fusion
-        if stack not in (1, 5):
-            raise InputError("data.stack", f"must be 1 (2D slices) or 5 (depth-5 stacks), got {stack}")
+        if stack not in (0, 1, 5):
+            raise InputError("data.stack", f"must be 1 (2D slices), 5 (depth-5 stacks) or 0 (3D patches), got {stack}")
+        if stack == 0 and (patch_size is None or len(patch_size) != 3 or min(patch_size) < 1):
+            raise InputError("data.patch_size", f"must be three positive sizes [D, H, W] with data.stack=0, got "
+                                                f"{None if patch_size is None else list(patch_size)}")
+        if samples_per_epoch < 1:
+            raise InputError("data.samples_per_epoch", f"must be >= 1, got {samples_per_epoch}")
+        self.patch_size = None if patch_size is None else [int(p) for p in patch_size]
+        self.samples_per_epoch = int(samples_per_epoch)
         if crop is not None and (crop < pad_multiple or crop % pad_multiple):
             raise InputError("data.crop", f"must be a positive multiple of {pad_multiple}, got {crop}")
         self.stack = stack
@@ -355,7 +371,16 @@ class SliceDataModule(pl.LightningDataModule):
         building and iterating it never draws from torch's global generator."""
         trainer = self.trainer
         epoch = training_epoch(trainer) if trainer is not None else 0  # a resumed run starts at its epoch
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, trainer.global_rank if trainer else 0))
+        rank = trainer.global_rank if trainer else 0
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, rank))
+        if self.stack == 0:  # 3D patches, each a function of (seed, epoch, rank, index)
+            names = self.split["train"]
+            ds = PatchDataset([self.entries[n] for n in names], self.organs, self.channel_index, self.patch_size,
+                              self.foreground_fraction, self.samples_per_epoch, seed=epoch_seed(self.seed, 0, rank),
+                              distance_key=self.distance_key if self.fusion != "none" else None,
+                              subject_ids=[self.subject_id(n) for n in names], epoch=epoch)
+            return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
+                              pin_memory=torch.cuda.is_available(), generator=generator)
         if self.sampling == "organ_only":
             ds = self.dataset("train", organ_slices_only=True)
             if len(ds) == 0:
@@ -373,7 +398,14 @@ class SliceDataModule(pl.LightningDataModule):
         return self._loader(ds, self.batch_size, sampler=sampler, generator=generator, persistent=self.crop is None)
 
     def _eval_loader(self, part: str) -> DataLoader:
-        """Every slice of the bodies of ``part``; under DDP each rank a share, unpadded (EvalShardSampler)."""
+        """Every slice of the bodies of ``part``; under DDP each rank a share, unpadded (EvalShardSampler). With
+        ``stack=0``, the whole bodies, one per batch (on one rank)."""
+        if self.stack == 0:
+            names = self.split[part]
+            return DataLoader(BodyDataset([self.entries[n] for n in names], self.organs, self.channel_index,
+                                          [self.subject_id(n) for n in names],
+                                          self.distance_key if self.fusion != "none" else None),
+                              batch_size=1, num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
         ds = self.dataset(part, organ_slices_only=False)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         sampler = EvalShardSampler(ds) if distributed and torch.distributed.get_world_size() > 1 else None
@@ -385,9 +417,12 @@ class SliceDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-    def panel_position(self) -> int:
+    def panel_position(self) -> int | None:
         """Position, in the validation loader's order, of the slice shown in the TensorBoard image panel: the
-        middle organ slice of the first validation body that holds the organ(s) (else its middle slice)."""
+        middle organ slice of the first validation body that holds the organ(s) (else its middle slice); None for
+        whole-body validation (``stack=0``), which shows no panel."""
+        if self.stack == 0:
+            return None
         bits = sum(organ_bit(o) for o in self.organs)
         names = self.split["val"] or self.split["test"]
         before = 0  # the evaluation loader visits every slice of each body in order

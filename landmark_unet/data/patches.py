@@ -219,3 +219,34 @@ class PatchDataset(Dataset):
                 maps = np.broadcast_to(maps, (volume.shape[0], *maps.shape[1:]))  # a view: no copy
             item["distance"] = torch.from_numpy(crop_patch(maps, origin, self.patch_size))
         return item
+
+
+class BodyDataset(Dataset):
+    """Whole bodies, one per item, for validating and testing a patch network by sliding windows.
+
+    Item ``i`` is a dict: ``image`` float32 (Z, C, X, Y) (the cache's layout, the ``channel_index`` channels);
+    ``mask`` float32 (Z, K, X, Y), 0/1 per organ of ``organs``; ``distance`` float32 (Z', L, X, Y) with
+    ``distance_key``; ``subject`` int. Bodies differ in size, so a loader takes them one at a time (batch 1).
+    """
+
+    def __init__(self, entries: Sequence, organs: Sequence[str], channel_index: Sequence[int],
+                 subject_ids: Sequence[int], distance_key: str | None = None):
+        self.entries = list(entries)
+        self.subject_ids = list(subject_ids)
+        self.bits = np.array([organ_bit(o) for o in organs], dtype=np.uint8)
+        self.channels = list(channel_index)
+        self.distance_key = distance_key
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict:
+        entry = self.entries[i]
+        labels = np.asarray(entry.label_volume())  # (Z, X, Y)
+        item = {"image": torch.from_numpy(np.ascontiguousarray(entry.image_volume()[:, self.channels],
+                                                               dtype=np.float32)),
+                "mask": torch.from_numpy(((labels[:, None] & self.bits[None, :, None, None]) > 0).astype(np.float32)),
+                "subject": int(self.subject_ids[i])}
+        if self.distance_key is not None:
+            item["distance"] = torch.from_numpy(np.array(entry.distance_volume(self.distance_key), dtype=np.float32))
+        return item

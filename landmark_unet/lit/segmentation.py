@@ -51,6 +51,9 @@ class SegmentationModule(pl.LightningModule):
             :class:`~landmark_unet.losses.BCELoss`.
         threshold: probability cut-off for the binary masks (sigmoid head; a softmax head takes the argmax).
         head: ``sigmoid`` (one independent map per organ, the study's) or ``softmax`` (background + organs).
+        sliding_window: for a volumetric patch network (``model=unet3d_full``: trained on 3D patches, validated and
+            tested on whole bodies): ``patch_size`` (D, H, W), ``overlap`` and ``batch_size`` of the Gaussian
+            sliding-window inference (:func:`landmark_unet.sliding_window.stitch`); None for slice networks.
         augmentation: ranges for :class:`~landmark_unet.data.augment.AffineAugment` (``rotation``, ``scale``,
             ``shear``, ``p``), applied to training batches on the device; never in validation or test.
         channels_last: keep the 2D convolutions' weights and inputs in channels-last memory format (faster on
@@ -71,6 +74,7 @@ class SegmentationModule(pl.LightningModule):
         compile: bool = False,
         loss: nn.Module | None = None,
         head: str = "sigmoid",
+        sliding_window: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "loss"])
@@ -80,6 +84,7 @@ class SegmentationModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.threshold = threshold
         self.head = check_head(head)
+        self.sliding_window = dict(sliding_window) if sliding_window else None
         self.loss_fn = loss if loss is not None else BCELoss()
         self.augment = AffineAugment(**(augmentation or {}))
         self.channels_last = channels_last
@@ -114,8 +119,8 @@ class SegmentationModule(pl.LightningModule):
             rank, ranks = self.trainer.global_rank, self.trainer.world_size
             position = dm.panel_position()
             batch = dm.eval_batch_size
-            self.panel_at = (position // ranks // batch, position // ranks % batch) if position % ranks == rank \
-                else None
+            self.panel_at = None if position is None or position % ranks != rank else (
+                position // ranks // batch, position // ranks % batch)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self._trainer is not None and self.trainer.training and self.augment.active:
@@ -130,6 +135,19 @@ class SegmentationModule(pl.LightningModule):
                  sync_dist=True)
         return loss
 
+    def _evaluate_body(self, batch: dict, metric: PerBodyDice) -> None:
+        """One whole body (batch of 1: image (1, Z, C, X, Y)) by Gaussian sliding windows, scored as Z slices."""
+        from landmark_unet.sliding_window import stitch
+
+        sw = self.sliding_window
+        distance = batch.get("distance")
+        prob = stitch(self, batch["image"][0], None if distance is None else distance[0], sw["patch_size"],
+                      self.net.size_multiple, float(sw.get("overlap", 0.5)), int(sw.get("batch_size", 2)),
+                      self.trainer.precision if self._trainer is not None else "32-true", self.head)  # (K, Z, X, Y)
+        masks = organ_masks(prob, self.head, self.threshold, dim=0).transpose(0, 1)  # (Z, K, X, Y)
+        mask = batch["mask"][0]
+        metric.update(masks, mask > 0.5, batch["subject"].expand(len(mask)))
+
     def _evaluate(self, batch: dict, metric: PerBodyDice) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["image"], batch.get("distance"))
         valid = valid_region(batch["size"], logits.shape)
@@ -138,6 +156,8 @@ class SegmentationModule(pl.LightningModule):
         return logits, prob
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self.sliding_window:
+            return self._evaluate_body(batch, self.val_dice)  # no validation loss: there are no whole-body logits
         logits, prob = self._evaluate(batch, self.val_dice)
         self.log("val/loss", self.loss(logits, batch["mask"]), on_epoch=True, batch_size=len(batch["image"]),
                  sync_dist=True)
@@ -160,6 +180,8 @@ class SegmentationModule(pl.LightningModule):
         self._log_panel()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        if self.sliding_window:
+            return self._evaluate_body(batch, self.test_dice)
         self._evaluate(batch, self.test_dice)
 
     def on_test_epoch_end(self) -> None:

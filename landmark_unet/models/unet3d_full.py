@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from landmark_unet.models.fusion import FusionSegmenter, fused_channels
+from landmark_unet.models.fusion import FusionSegmenter, auxiliary_heads, fused_channels
 
 Kernel = tuple[int, int, int]
 NORMS = ("instance", "batch")
@@ -140,6 +140,8 @@ class UNet3dFullTrunk(nn.Module):
         if len(widths) != len(pool_kernels) + 1:
             raise ValueError("one width per level: len(widths) must be len(pool_kernels) + 1")
         self.pool_kernels = [tuple(int(k) for k in kernel) for kernel in pool_kernels]
+        self.depth = len(self.pool_kernels)
+        self.widths = list(widths)
         self.size_multiple = size_multiple(self.pool_kernels)
         self.out_channels = widths[0]
         self.inc = ConvBlock3d(in_channels, widths[0], norm)
@@ -156,7 +158,12 @@ class UNet3dFullTrunk(nn.Module):
         self.up_convs = nn.ModuleList(
             ConvBlock3d(2 * widths[i], widths[i], norm) for i in reversed(range(len(self.pool_kernels))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def level_channels(self, level: int) -> int:
+        """Width of the decoder's map at ``level`` (0: full resolution)."""
+        return self.widths[level]
+
+    def forward(self, x: torch.Tensor, levels: int = 0) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """``levels=n`` also returns the decoder's maps at the n coarser levels (deep supervision), finest first."""
         if x.ndim != 5 or any(n % m for n, m in zip(x.shape[2:], self.size_multiple)):
             raise ValueError(f"the 3D U-Net takes (B, C, D, H, W) with D, H, W divisible by {self.size_multiple}, "
                              f"got {tuple(x.shape)}")
@@ -164,9 +171,12 @@ class UNet3dFullTrunk(nn.Module):
         for down in self.downs:
             skips.append(down(skips[-1]))
         x = skips.pop()
-        for up, conv in zip(self.ups, self.up_convs):
+        coarse = []
+        for i, (up, conv) in enumerate(zip(self.ups, self.up_convs)):
             x = conv(torch.cat([skips.pop(), up(x)], dim=1))
-        return x
+            if 1 <= self.depth - 1 - i <= levels:
+                coarse.append(x)
+        return (x, coarse[::-1]) if levels else x
 
 
 class UNet3dFull(FusionSegmenter):
@@ -186,6 +196,8 @@ class UNet3dFull(FusionSegmenter):
             ``batch`` (BatchNorm3d).
         max_features: width cap (nnU-Net: 320).
         pooling: ``conv`` (strided first convolution of each level, nnU-Net) or ``max`` (MaxPool3d).
+        deep_supervision: auxiliary 1x1x1 heads on the decoder's n coarser levels while training
+            (:class:`~landmark_unet.models.fusion.FusionSegmenter`).
 
     Shapes:
         ``forward(image, distance=None)``: image (B, C, D, H, W) = (B, C, z, x, y) with D, H, W divisible by
@@ -206,7 +218,7 @@ class UNet3dFull(FusionSegmenter):
 
     def __init__(self, in_channels: int, out_channels: int = 1, features: int = 32, depth: int | None = None,
                  fusion: str = "none", map_channels: int = 1, pool_kernels: Sequence[Sequence[int]] | None = None,
-                 norm: str = "instance", max_features: int = 320, pooling: str = "conv"):
+                 norm: str = "instance", max_features: int = 320, pooling: str = "conv", deep_supervision: int = 0):
         if pool_kernels is None:
             depth = 4 if depth is None else depth
             pool_kernels = [(2, 2, 2)] * depth
@@ -224,6 +236,6 @@ class UNet3dFull(FusionSegmenter):
         trunk = UNet3dFullTrunk(fused_channels(in_channels, map_channels, fusion, "trunk"), widths, kernels, norm,
                                 pooling)
         head = nn.Conv3d(fused_channels(widths[0], map_channels, fusion, "head"), out_channels, kernel_size=1)
-        super().__init__(trunk, head, fusion)
+        super().__init__(trunk, head, fusion, auxiliary_heads(trunk, out_channels, deep_supervision, nn.Conv3d))
         self.pool_kernels = kernels
         self.size_multiple = trunk.size_multiple
