@@ -82,8 +82,11 @@ def predict_volume_3d(
     if distance is not None and (distance.ndim != 4 or distance.shape[0] not in (1, z)
                                  or distance.shape[2:] != (x, y)):
         raise ValueError(f"distance maps must be (Z or 1, L, X, Y) = ({z} or 1, L, {x}, {y}), got {distance.shape}")
-    image_t = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)
-    maps_t = None if distance is None else torch.as_tensor(np.asarray(distance, dtype=np.float32), device=device)
+    def tensor(a: np.ndarray) -> torch.Tensor:  # a copy: cached arrays are read-only memory maps
+        return torch.from_numpy(np.array(a, dtype=np.float32)).to(device)
+
+    image_t = tensor(image)
+    maps_t = None if distance is None else tensor(distance)
     prob = stitch(model, image_t, maps_t, patch, multiple, overlap, batch_size, precision, head)
     return prob.permute(0, 2, 3, 1).cpu().numpy()
 
