@@ -39,7 +39,7 @@ def signature(cfg: DictConfig) -> dict:
     net = cfg.model.net
     return {"network": str(net._target_).rsplit(".", 1)[-1], "fusion": str(cfg.fusion.mode),
             "channels": [str(c) for c in cfg.data.channels], "organs": [str(o) for o in cfg.data.organs],
-            "stack": int(cfg.data.get("stack") or 1), "map_channels": int(net.get("map_channels", 1)),
+            "stack": int(1 if cfg.data.get("stack") is None else cfg.data.stack), "map_channels": int(net.get("map_channels", 1)),
             "head": str(cfg.model.get("head", "sigmoid"))}
 
 
