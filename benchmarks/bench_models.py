@@ -1,10 +1,12 @@
 """One training step of each network at the study's configuration on this machine, fp32 and bf16-mixed.
 
-    python -m benchmarks.bench_models [--steps 2] [--models unet2d,unet2d_multitask,unet3d] [--channels-last-only]
+    python -m benchmarks.bench_models [--steps 2] [--models unet2d,unet2d_multitask,unet3d,unet3d_full] [--channels-last-only]
 
 - unet2d: classic U-Net 64-1024, batch 10 x 2 x 256 x 256 (fat + water), one organ, RMSprop (the study's 2D);
 - unet2d_multitask: batch 10 x 1 x 256 x 256 (fat only, Table 1), five heads, RMSprop;
-- unet3d: batch 4 x 2 x 5 x 256 x 256, Adam (the study's depth-5).
+- unet3d: batch 4 x 2 x 5 x 256 x 256, Adam (the study's depth-5);
+- unet3d_full: batch 2 x 2 x 64 x 160 x 160 patches, six outputs (background + five organs), SGD (the strong
+  recipe's volumetric network, ``model=unet3d_full``).
 Each in channels-last memory format (the configs' default) and, for the record of what that did, contiguous. The
 step is forward + summed BCE + backward + optimizer step, on the CPU (or the GPU when present), in the
 LightningModule's own loss; bf16-mixed is torch.autocast(bfloat16) around forward and loss, as Lightning does.
@@ -23,11 +25,14 @@ from landmark_unet.lit.segmentation import SegmentationModule
 from landmark_unet.models.multitask import UNet2dMultiTask
 from landmark_unet.models.unet2d import UNet2d
 from landmark_unet.models.unet3d import UNet3d
+from landmark_unet.models.unet3d_full import UNet3dFull
 
+FULL_POOLING = [(1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)]  # conf/model/unet3d_full.yaml
 CONFIGS = {
     "unet2d": (lambda: UNet2d(2, 1), (10, 2, 256, 256), 1, torch.optim.RMSprop),
     "unet2d_multitask": (lambda: UNet2dMultiTask(1, 5), (10, 1, 256, 256), 5, torch.optim.RMSprop),
     "unet3d": (lambda: UNet3d(2, 1), (4, 2, 5, 256, 256), 1, torch.optim.Adam),
+    "unet3d_full": (lambda: UNet3dFull(2, 6, pool_kernels=FULL_POOLING), (2, 2, 64, 160, 160), 6, torch.optim.SGD),
 }
 
 
