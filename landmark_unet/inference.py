@@ -153,9 +153,8 @@ def _predict_volumetric(model: nn.Module, image: np.ndarray, distance: np.ndarra
                         device: torch.device, precision: str, head: str) -> np.ndarray:
     """:func:`predict_volume` of a volumetric patch network (a SegmentationModule with ``sliding_window``
     settings), averaged over :data:`TTA_VOLUME` flips with ``tta``."""
-    from landmark_unet.sliding_window import predict_volume_3d
+    from landmark_unet.sliding_window import predict_volume_3d, window_settings
 
-    sw = model.sliding_window
     total = 0
     flips = TTA_VOLUME if tta else ((),)
     for dims in flips:
@@ -164,8 +163,8 @@ def _predict_volumetric(model: nn.Module, image: np.ndarray, distance: np.ndarra
         if dims and distance is not None:  # in-plane maps (Z' = 1) have no z to flip
             maps = np.flip(distance, tuple(d for d in dims if d != 0 or distance.shape[0] > 1))
         prob = predict_volume_3d(model, np.ascontiguousarray(img), None if maps is None else np.ascontiguousarray(maps),
-                                 sw["patch_size"], model.net.size_multiple, float(sw.get("overlap", 0.5)),
-                                 int(sw.get("batch_size", 2)), device, precision, head)  # (K, X, Y, Z)
+                                 device=device, precision=precision, head=head,
+                                 **window_settings(model))  # (K, X, Y, Z)
         undo = tuple({0: 3, 3: 2}[d] for d in dims)  # z and y of (Z, C, X, Y) are axes 3 and 2 of (K, X, Y, Z)
         total = total + (np.flip(prob, undo) if undo else prob)
     return np.ascontiguousarray(total / len(flips), dtype=np.float32)

@@ -91,12 +91,21 @@ def predict_volume_3d(
     return prob.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def stitch(model: nn.Module, image: torch.Tensor, distance: torch.Tensor | None, patch: Sequence[int],
+def window_settings(module: nn.Module) -> dict:
+    """The sliding-window arguments of a trained volumetric SegmentationModule (its ``sliding_window`` config and
+    its network's ``size_multiple``), as keywords of :func:`predict_volume_3d` and :func:`stitch`."""
+    sw = module.sliding_window
+    return {"patch_size": tuple(sw["patch_size"]), "size_multiple": tuple(module.net.size_multiple),
+            "overlap": float(sw.get("overlap", 0.5)), "batch_size": int(sw.get("batch_size", 2))}
+
+
+def stitch(model: nn.Module, image: torch.Tensor, distance: torch.Tensor | None, patch_size: Sequence[int],
            size_multiple: Sequence[int], overlap: float, batch_size: int, precision: str,
            head: str) -> torch.Tensor:
     """The core of :func:`predict_volume_3d` on tensors already on the model's device (validation runs it on
     its batches): image (Z, C, X, Y), distance (Z', L, X, Y) or None -> probabilities (K, Z, X, Y) float32."""
     z, c, x, y = image.shape
+    patch = tuple(patch_size)
     padded = [max(p, -(-n // m) * m) for n, p, m in zip((z, x, y), patch, size_multiple)]
     channels = c + (0 if distance is None else distance.shape[1])
     vol = image.new_zeros((1, channels, *padded), dtype=torch.float32)  # (1, C [+ L], D, H, W)
@@ -110,7 +119,7 @@ def stitch(model: nn.Module, image: torch.Tensor, distance: torch.Tensor | None,
             logits = model(img) if distance is None else model(img, maps)
         return probabilities(logits, head)  # activation first, then the Gaussian-weighted average
 
-    prob = sliding_window_inference(vol, roi_size=tuple(patch), sw_batch_size=batch_size, predictor=predictor,
+    prob = sliding_window_inference(vol, roi_size=patch, sw_batch_size=batch_size, predictor=predictor,
                                     overlap=overlap, mode="gaussian", sigma_scale=SIGMA_SCALE,
                                     padding_mode="constant", cval=0.0)
     return torch.as_tensor(prob)[0, :, :z, :x, :y].float()  # a plain tensor, not MONAI's MetaTensor

@@ -137,13 +137,12 @@ class SegmentationModule(pl.LightningModule):
 
     def _evaluate_body(self, batch: dict, metric: PerBodyDice) -> None:
         """One whole body (batch of 1: image (1, Z, C, X, Y)) by Gaussian sliding windows, scored as Z slices."""
-        from landmark_unet.sliding_window import stitch
+        from landmark_unet.sliding_window import stitch, window_settings
 
-        sw = self.sliding_window
         distance = batch.get("distance")
-        prob = stitch(self, batch["image"][0], None if distance is None else distance[0], sw["patch_size"],
-                      self.net.size_multiple, float(sw.get("overlap", 0.5)), int(sw.get("batch_size", 2)),
-                      self.trainer.precision if self._trainer is not None else "32-true", self.head)  # (K, Z, X, Y)
+        precision = self.trainer.precision if self._trainer is not None else "32-true"
+        prob = stitch(self, batch["image"][0], None if distance is None else distance[0], precision=precision,
+                      head=self.head, **window_settings(self))  # (K, Z, X, Y)
         masks = organ_masks(prob, self.head, self.threshold, dim=0).transpose(0, 1)  # (Z, K, X, Y)
         mask = batch["mask"][0]
         metric.update(masks, mask > 0.5, batch["subject"].expand(len(mask)))
