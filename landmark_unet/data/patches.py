@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from landmark_unet.data.organs import organ_bit
+from landmark_unet.data.organs import organ_bit, unpack_labels
 
 MAX_FOREGROUND = 10_000  # foreground voxel coordinates kept per subject and organ
 
@@ -206,7 +206,7 @@ class PatchDataset(Dataset):
         item = {
             "image": torch.from_numpy(crop_patch(entry.image_volume(), origin, self.patch_size,
                                                  channels=self.channels)),
-            "mask": torch.from_numpy(((labels[None] & self.bits[:, None, None, None]) > 0).astype(np.float32)),
+            "mask": torch.from_numpy(unpack_labels(labels, self.bits).astype(np.float32)),
             "subject": int(self.subject_ids[e]),
             "origin": torch.tensor(origin, dtype=torch.int64),
             "size": torch.tensor([max(0, min(p, n - o)) for o, p, n in zip(origin, self.patch_size, volume.shape)],
@@ -245,7 +245,7 @@ class BodyDataset(Dataset):
         labels = np.asarray(entry.label_volume())  # (Z, X, Y)
         item = {"image": torch.from_numpy(np.ascontiguousarray(entry.image_volume()[:, self.channels],
                                                                dtype=np.float32)),
-                "mask": torch.from_numpy(((labels[:, None] & self.bits[None, :, None, None]) > 0).astype(np.float32)),
+                "mask": torch.from_numpy(unpack_labels(labels, self.bits, axis=1).astype(np.float32)),
                 "subject": int(self.subject_ids[i])}
         if self.distance_key is not None:
             item["distance"] = torch.from_numpy(np.array(entry.distance_volume(self.distance_key), dtype=np.float32))

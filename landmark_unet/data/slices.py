@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from landmark_unet.data.cache import CacheEntry
-from landmark_unet.data.organs import organ_bit
+from landmark_unet.data.organs import organ_bit, unpack_labels
 
 
 def slice_index(entries: Sequence[CacheEntry], organs: Sequence[str], organ_slices_only: bool) -> np.ndarray:
@@ -146,7 +146,7 @@ class SliceDataset(Dataset):
                 vx, vy = min(shapes[i][0] - x0, h), min(shapes[i][1] - y0, w)
                 region = (slice(x0, x0 + vx), slice(y0, y0 + vy))
                 image[i, :, :, :vx, :vy] = slices[where[j]].transpose(1, 0, 2, 3)[(..., *region)]
-                mask[i, :, :vx, :vy] = (labels[j][region][None] & self.bits[:, None, None]) > 0
+                mask[i, :, :vx, :vy] = unpack_labels(labels[j][region], self.bits)
                 if maps is not None:
                     distance[i, :, :, :vx, :vy] = maps[where[j]].transpose(1, 0, 2, 3)[(..., *region)]
                 size[i] = vx, vy
