@@ -42,7 +42,8 @@ def step_seconds(name: str, precision: str, steps: int, device: str, channels_la
     module = SegmentationModule(build(), ["o"] * k, opt_cls, channels_last=channels_last).to(device)
     opt = opt_cls(module.parameters(), lr=1e-5)
     x = torch.randn(shape, device=device)
-    y = (torch.rand(shape[0], k, *shape[-2:], device=device) > 0.5).float()
+    spatial = shape[2:] if getattr(module.net, "stack_depth", 1) == 0 else shape[-2:]  # a patch network keeps depth
+    y = (torch.rand(shape[0], k, *spatial, device=device) > 0.5).float()
     times = []
     for i in range(steps + 1):
         if device == "cuda":
@@ -60,19 +61,33 @@ def step_seconds(name: str, precision: str, steps: int, device: str, channels_la
     return min(times)
 
 
+def peak_memory_gib(device: str) -> float:
+    """Peak memory so far: on a GPU the most allocated since the last reset; on a CPU the process's peak resident
+    set (``ru_maxrss``, never reset: of the largest model so far)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def run(steps: int = 2, models: tuple[str, ...] = tuple(CONFIGS), layouts: tuple[bool, ...] = (True, False)) -> dict:
     """Per model: step seconds in fp32 and bf16-mixed, channels-last (the configs' default) and, for the record of
-    what channels-last did, contiguous, one after the other in this process."""
+    what channels-last did, contiguous, one after the other in this process; and the peak memory after its steps
+    (:func:`peak_memory_gib`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
                  "threads": torch.get_num_threads()}
     for name in models:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for channels_last in layouts:
             suffix = "" if channels_last else "_contiguous"
             for precision, tag in (("32-true", "fp32"), ("bf16-mixed", "bf16")):
                 out[f"step_seconds_{name}_{tag}{suffix}"] = step_seconds(name, precision, steps, device, channels_last)
             out[f"bf16_speedup_{name}{suffix}"] = out[f"step_seconds_{name}_fp32{suffix}"] / out[
                 f"step_seconds_{name}_bf16{suffix}"]
+        out[f"peak_memory_gib_{name}"] = peak_memory_gib(device)
         if len(layouts) == 2:
             for tag in ("fp32", "bf16"):
                 out[f"channels_last_speedup_{name}_{tag}"] = (out[f"step_seconds_{name}_{tag}_contiguous"]

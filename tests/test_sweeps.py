@@ -69,6 +69,27 @@ def test_table_specifics():
     assert ("data.crop=208", "augmentation=rotation10") in rows and ("data.crop=256", "augmentation=scale") not in rows
 
 
+@pytest.mark.parametrize("experiment", ["recipe", "recipe_quick"])
+def test_recipe_experiments_plan_40_jobs_that_compose(experiment):
+    """4 recipe rows x fusion none/early x 5 rounds; every job composes, and the 3D rows are volumetric patch
+    networks (the quick ones in batches of 2, 1600 steps in all); job folder names stay far below the 255-byte limit
+    of a file name (the first quick 3D sweep's did not)."""
+    _, jobs = sweep_jobs(experiment)
+    assert len(jobs) == 40
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for job in jobs[::2]:  # every row and round without landmarks
+            cfg = compose(config_name="train", overrides=[f"experiment={experiment}", *job], return_hydra_config=True)
+            validate(cfg)
+            assert len(f"{len(jobs)}_{cfg.hydra.job.override_dirname}") < 200
+            if cfg.data.stack == 0:
+                assert cfg.model.net._target_.endswith("UNet3dFull")
+                if experiment == "recipe_quick":
+                    steps = cfg.data.samples_per_epoch // cfg.data.batch_size * cfg.trainer.max_epochs
+                    assert cfg.data.batch_size == 2 and list(cfg.data.patch_size) == [32, 64, 64] and steps == 1600
+                else:
+                    assert list(cfg.data.patch_size) == [64, 160, 160] and cfg.data.phantom.n_subjects == 50
+
+
 def test_grid_rows_refuse_a_key_in_both():
     from hydra.errors import HydraException
 
