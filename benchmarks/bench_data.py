@@ -8,7 +8,11 @@
    with them warm, as every later epoch of a run does) and one evaluation pass (every slice of the test bodies)
    through the real DataModule and DataLoader, with no model: slices per second and peak resident memory of the
    data side (this process plus its loader workers).
-3. Times training steps of the study's 2D model at its fastest here (classic U-Net 64-1024, batch 10 x 2 x 256 x 256,
+3. ``data.on_device``: copies the training bodies' slices into the device's memory
+   (:class:`~landmark_unet.data.device_slices.DeviceSlices`) and gathers one shuffled epoch of batches of 10 there,
+   each batch's slice indices sent from the host as a training loader sends them: slices per second (on a CPU it
+   measures the gather in RAM; the figure that matters is a GPU's).
+4. Times training steps of the study's 2D model at its fastest here (classic U-Net 64-1024, batch 10 x 2 x 256 x 256,
    RMSprop, channels-last, bf16-mixed) in the same process, fed by the same loader: slices per second the model
    consumes.
 Reports the ratio loader/model (target >= 20) and the peak memory (target <= 2 GiB).
@@ -78,9 +82,40 @@ class PeakRss:
         self.peak = max(self.peak, rss_tree_gib())
 
 
+def device_gather(dm, dev, batch_size: int = 10) -> dict:
+    """``data.on_device`` at the study's 2D setting: seconds to copy the training bodies' organ slices into the
+    memory of ``dev``, its size, and the slices per second of gathering one shuffled epoch there in batches of
+    ``batch_size`` (the indices of each batch copied from the host, as the loader sends them)."""
+    import numpy as np
+    import torch
+
+    from benchmarks.common import sync
+    from landmark_unet.data.device_slices import DeviceSlices
+
+    ds = dm.dataset("train", organ_slices_only=True)
+    t0 = time.perf_counter()
+    store = DeviceSlices(ds, dev)
+    sync(dev)
+    build = time.perf_counter() - t0
+    order = ds.index[np.random.default_rng(0).permutation(len(ds))]
+    rates = []
+    for _ in range(2):  # the first pass warms the allocator
+        sync(dev)
+        t0 = time.perf_counter()
+        for i in range(0, len(order), batch_size):
+            batch = store.gather(torch.from_numpy(order[i:i + batch_size]).to(dev, non_blocking=True))
+        sync(dev)
+        rates.append(len(order) / (time.perf_counter() - t0))
+    assert batch["image"].shape[1:] == (len(ds.channels), *ds.size)
+    out = {"device_gather_train_slices_per_s": rates[1], "device_slices_build_seconds": build,
+           "device_slices_gib": store.nbytes() / 2**30}
+    del store
+    return out
+
+
 def run(subjects: int = 50, workers: int = 2, model_steps: int = 3) -> dict:
 
-    from benchmarks.common import cache_dir, full_size_datamodule
+    from benchmarks.common import cache_dir, device, full_size_datamodule
 
     def datamodule():
         return full_size_datamodule(subjects=subjects, workers=workers)
@@ -114,12 +149,11 @@ def run(subjects: int = 50, workers: int = 2, model_steps: int = 3) -> dict:
             n += len(batch["image"])
         eval_rate = n / (time.perf_counter() - t0)
     peak = rss.peak
+    dev = device()
+    gather = device_gather(dm, dev)
 
     from benchmarks.bench_train import plain_arm, study_module
-    from benchmarks.common import device
-
     # the model at its fastest here (channels-last, bf16-mixed, on the GPU when there is one), fed by the same loader
-    dev = device()
     steps = model_steps if dev.type == "cpu" else 10 * model_steps  # GPU steps take milliseconds
     model_rate = 10 / min(plain_arm(study_module(), dm, "bf16-mixed", steps, dev))
     return {
@@ -135,6 +169,8 @@ def run(subjects: int = 50, workers: int = 2, model_steps: int = 3) -> dict:
         "loader_eval_slices_per_s": eval_rate,
         "model_train_slices_per_s": model_rate,
         "data_vs_model_ratio": train_rate / model_rate,
+        **gather,
+        "device_gather_vs_model_ratio": gather["device_gather_train_slices_per_s"] / model_rate,
         "data_peak_rss_gib": peak,
         "peak_rss_gib": peak,
         "data_peak_rss_main_gib_ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

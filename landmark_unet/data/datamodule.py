@@ -28,6 +28,7 @@ from landmark_unet.data.cache import (
     ensure_distance_maps,
     resolve_normalisation,
 )
+from landmark_unet.data.device_slices import DeviceSlices, SliceRows
 from landmark_unet.data.layouts import CHANNELS, LAYOUTS, Case, labelled_organs, list_cases
 from landmark_unet.data.organs import ORGANS, organ_bit
 from landmark_unet.data.patches import BodyDataset, PatchDataset
@@ -131,6 +132,9 @@ class SliceDataModule(pl.LightningDataModule):
         samples_per_epoch: training patches per epoch, with ``stack=0``.
         crop: random in-plane ``crop x crop`` window of each training sample (the study's depth-5 runs: 256 or 208;
             divisible by ``pad_multiple``); evaluation always sees the whole slice.
+        on_device: hold the bodies' slices in the accelerator's memory and gather each batch there
+            (:mod:`landmark_unet.data.device_slices`): the loaders carry only slice indices. For GPUs (it copies the
+            cache into the device's memory); 2D slices and depth-5 stacks without ``crop``.
     """
 
     def __init__(
@@ -165,6 +169,7 @@ class SliceDataModule(pl.LightningDataModule):
         spacing: Sequence[float] | None = None,
         ct_window: Sequence[float] = CT_WINDOW,
         cases: Sequence[str] | None = None,
+        on_device: bool = False,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -223,6 +228,12 @@ class SliceDataModule(pl.LightningDataModule):
             raise InputError("data.crop", f"must be a positive multiple of {pad_multiple}, got {crop}")
         self.stack = stack
         self.crop = crop
+        if on_device and (stack == 0 or crop is not None):
+            raise InputError("data.on_device", "gathers whole 2D slices and depth-5 stacks only: not with "
+                                               + ("data.stack=0 (3D patches)" if stack == 0 else "data.crop"))
+        self.on_device = bool(on_device)
+        self._device_slices: dict[tuple[str, torch.device], DeviceSlices] = {}
+        self._device_datasets: dict[str, SliceDataset] = {}
         self.landmarks = {**LANDMARK_DEFAULTS, **(landmarks or {})}
         if self.landmarks["source"] not in ("file", "detect", "auto"):
             raise InputError("landmarks.source", f"unknown source {self.landmarks['source']!r} (choose from file, detect, auto)")
@@ -350,8 +361,12 @@ class SliceDataModule(pl.LightningDataModule):
                             self.size, distance_key=self.distance_key if self.fusion != "none" else None,
                             stack=self.stack, crop=self.crop if part == "train" else None)
 
-    def _loader(self, dataset: SliceDataset, batch_size: int, sampler=None, generator=None,
+    def _loader(self, dataset: SliceDataset, batch_size: int, part: str, sampler=None, generator=None,
                 persistent: bool = True) -> DataLoader:
+        if self.on_device:  # slice indices only: transfer_batch_to_device gathers the slices on the device
+            self._device_datasets[part] = dataset
+            return DataLoader(SliceRows(dataset.index, part), batch_size=batch_size, sampler=sampler,
+                              generator=generator, num_workers=0, collate_fn=collate)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -395,7 +410,8 @@ class SliceDataModule(pl.LightningDataModule):
             sampler = ForegroundOversampler(np.flatnonzero(holds), len(ds), self.foreground_fraction,
                                             seed=self.seed, epoch=epoch)
         # random crops are drawn in the workers: workers started afresh each epoch take that epoch's seeds
-        return self._loader(ds, self.batch_size, sampler=sampler, generator=generator, persistent=self.crop is None)
+        return self._loader(ds, self.batch_size, "train", sampler=sampler, generator=generator,
+                            persistent=self.crop is None)
 
     def _eval_loader(self, part: str) -> DataLoader:
         """Every slice of the bodies of ``part``; under DDP each rank a share, unpadded (EvalShardSampler). With
@@ -409,13 +425,29 @@ class SliceDataModule(pl.LightningDataModule):
         ds = self.dataset(part, organ_slices_only=False)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         sampler = EvalShardSampler(ds) if distributed and torch.distributed.get_world_size() > 1 else None
-        return self._loader(ds, self.eval_batch_size, sampler=sampler)
+        return self._loader(ds, self.eval_batch_size, part, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val" if self.split["val"] else "test")
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """With ``on_device``: a batch of slice indices ``{"rows", "part"}`` becomes, on ``device``, the batch of
+        slices :class:`~landmark_unet.data.slices.SliceDataset` would have built, gathered from the part's bodies
+        held in the device's memory (copied there at the part's first batch). Any other batch is moved as usual.
+        (Not ``on_after_batch_transfer``: the LightningModule's, its augmentation, must still run after this.)"""
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if not (isinstance(batch, dict) and "rows" in batch):
+            return batch
+        rows = batch["rows"]
+        key = (batch["part"], rows.device)
+        if key not in self._device_slices:
+            self._device_slices[key] = DeviceSlices(self._device_datasets[batch["part"]], rows.device)
+            log.info("data.on_device: %s slices on %s, %.2f GiB", batch["part"], rows.device,
+                     self._device_slices[key].nbytes() / 2**30)
+        return self._device_slices[key].gather(rows)
 
     def panel_position(self) -> int | None:
         """Position, in the validation loader's order, of the slice shown in the TensorBoard image panel: the

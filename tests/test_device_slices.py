@@ -1,0 +1,115 @@
+"""data.on_device: batches gathered from slices held in the device's memory equal the host loader's, and train alike."""
+
+import math
+
+import pytest
+import torch
+from conftest import compose_train, write_toy_subject
+
+from landmark_unet.data.cache import CacheJob, build_cache, ensure_distance_maps
+from landmark_unet.data.device_slices import DeviceSlices, SliceRows
+from landmark_unet.data.slices import SliceDataset, collate, slice_index
+from landmark_unet.data.sources import read_folder_subject
+from landmark_unet.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def entries(tmp_path_factory):
+    """Two cached bodies of different sizes, with a 3D and an in-plane distance map each."""
+    tmp = tmp_path_factory.mktemp("device")
+    out = []
+    for name, shape in (("a", (20, 18, 16)), ("b", (24, 14, 12))):
+        d = write_toy_subject(tmp / "data", name, shape=shape)
+        files = tuple(str(p) for p in sorted(d.rglob("*")) if p.is_file())
+        out += build_cache([CacheJob(name, files, lambda d=d: read_folder_subject(d))], tmp / "cache")
+    return out
+
+
+def map_key(entries, space):
+    keys = {ensure_distance_maps(e, {"encoding": "manhattan", "units": "voxel", "space": space, "combine": "sum",
+                                     "pairs": 1, "sigma_mm": 20.0}) for e in entries}
+    return keys.pop()
+
+
+@pytest.mark.parametrize("stack", [1, 5])
+@pytest.mark.parametrize("space", [None, "volume", "plane"])
+def test_gathered_batches_equal_the_host_datasets(entries, stack, space):
+    """Every field, bit for bit, for positions from both bodies in any order, edge slices of stacks included; with
+    no maps, 3D maps (one per slice) and in-plane maps (one per body)."""
+    key = None if space is None else map_key(entries, space)
+    index = slice_index(entries, ["liver", "kidneys"], organ_slices_only=False)
+    ds = SliceDataset(entries, [3, 7], index, [1, 0], ["liver", "kidneys"], (32, 32), distance_key=key, stack=stack)
+    positions = [20, 2, 27, 0, 15, 16, len(index) - 1]  # b, a, b, a (first), a (last), b (first), b (last)
+    expected = ds.__getitems__(positions)
+    rows = SliceRows(index, "train").__getitems__(positions)
+    assert rows["part"] == "train" and torch.equal(rows["rows"], torch.from_numpy(index[positions]))
+    store = DeviceSlices(ds, "cpu")
+    got = store.gather(rows["rows"])
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype, name
+        assert torch.equal(got[name], expected[name]), name
+    if space == "plane":
+        assert store.maps.shape[0] == 2  # one in-plane map per body, not per slice
+    assert store.nbytes() == sum(t.numel() * t.element_size()
+                                 for t in (store.image, store.labels, *([] if store.maps is None else [store.maps])))
+
+
+def test_rows_loader_batches_through_collate(entries):
+    index = slice_index(entries, ["liver"], organ_slices_only=False)
+    loader = torch.utils.data.DataLoader(SliceRows(index, "val"), batch_size=4, sampler=[5, 1, 20, 2],
+                                         collate_fn=collate)
+    batch = next(iter(loader))
+    assert batch["part"] == "val" and batch["rows"].tolist() == index[[5, 1, 20, 2]].tolist()
+
+
+def test_a_cropped_dataset_is_refused(entries):
+    index = slice_index(entries, ["liver"], organ_slices_only=False)
+    ds = SliceDataset(entries, [0, 1], index, [0, 1], ["liver"], (32, 32), crop=16)
+    with pytest.raises(ValueError, match="crop"):
+        DeviceSlices(ds, "cpu")
+
+
+TINY = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1", "model.net.features=4",
+        "data.num_workers=0", "data.batch_size=8", "data.split.rounds=3", "trainer.max_epochs=1"]
+
+
+@pytest.mark.parametrize("overrides, key", [(["data.on_device=true", "data.crop=32", "model=unet3d"], "data.crop"),
+                                            (["data.on_device=true", "model=unet3d_full",
+                                              "data.patch_size=[16,32,32]"], "data.stack=0")])
+def test_on_device_refuses_crops_and_patches(tmp_path, overrides, key):
+    from landmark_unet.data.datamodule import SliceDataModule
+
+    cfg = compose_train(TINY + overrides, tmp_path).data
+    with pytest.raises(InputError, match="data.on_device") as err:
+        SliceDataModule(on_device=True, stack=cfg.stack, crop=cfg.crop, patch_size=cfg.patch_size)
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize("extra", [["fusion=early", "augmentation=all"], ["model=unet3d", "fusion=late"]])
+def test_training_on_device_equals_training_from_the_host_loader(tmp_path, extra, caplog, monkeypatch):
+    """The same run with data.on_device true and false: the same validation curve and test Dice, to the bit (the
+    batches are identical, so is everything after them); the device run gathered every part on the device, and
+    the LightningModule's augmentation still ran on every training batch."""
+    from landmark_unet.data.augment import AffineAugment
+    from landmark_unet.train import train
+
+    augmented = []
+    plain_call = AffineAugment.__call__
+    monkeypatch.setattr(AffineAugment, "__call__", lambda self, batch, *a, **k: augmented.append(
+        len(batch["image"])) or plain_call(self, batch, *a, **k))
+    results = []
+    caplog.set_level("INFO", logger="landmark_unet.data.datamodule")
+    for on_device in ("false", "true"):
+        cfg = compose_train(TINY + extra + ["data.sampling=oversample", f"data.on_device={on_device}"],
+                            tmp_path / on_device)
+        results.append(train(cfg))
+    host, device = results
+    assert math.isfinite(host["history"]["val/loss"][0])
+    assert device["history"]["val/loss"] == host["history"]["val/loss"]
+    assert device["test"] == host["test"]
+    gathered = {r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("data.on_device")}
+    assert gathered == {"train", "val", "test"}
+    if "augmentation=all" in extra:  # both runs augment every training batch
+        assert len(augmented) % 2 == 0 and len(augmented) > 0
+        assert augmented[: len(augmented) // 2] == augmented[len(augmented) // 2:]
