@@ -2,11 +2,12 @@
 FLOP utilisation, time waiting for data, and seconds per epoch against the study's Table 1.
 
     python -m benchmarks.bench_train [--steps 3] [--rounds 2] [--subjects 50] [--workers 2] [--no-compile]
-                                     [--compile-precisions 32-true,bf16-mixed] [--no-multitask]
+                                     [--compile-precisions 32-true,bf16-mixed] [--no-multitask] [--on-device]
 
 Setting (the study's section 3.4): classic U-Net 64-1024 (channels-last, as the model configs set it), batch 10 of
 2 x 256 x 256 fat + water slices of the full-size phantom through the real DataModule and DataLoader (2 workers),
-RMSprop (lr 1e-5, momentum 0.9, weight decay 1e-8), BCE with logits.
+RMSprop (lr 1e-5, momentum 0.9, weight decay 1e-8), BCE with logits. ``--on-device``: both arms take their batches
+from ``data.on_device`` (slices gathered in the device's memory, the loader carrying indices only).
 
 - **Lightning vs plain**: the same model, loader, optimiser and precision, once through ``pl.Trainer.fit`` with the
   LightningModule (its TensorBoard logging, callbacks and hooks included) and once through a hand-written loop
@@ -109,7 +110,7 @@ def plain_arm(module: SegmentationModule, dm, precision: str, steps: int, dev: t
     batches = itertools.chain.from_iterable(itertools.repeat(dm.train_dataloader()))  # epochs, end to end
     times, end = [], time.perf_counter()
     for _ in range(steps + 1):
-        batch = next(batches)
+        batch = dm.transfer_batch_to_device(next(batches), dev, 0)  # data.on_device: gathers the slices there
         x = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
         y = batch["mask"].to(dev, non_blocking=True)
         with autocast(dev, precision):
@@ -139,12 +140,12 @@ def step_flops(module: SegmentationModule, dev: torch.device, channels: int) -> 
 
 
 def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool = True, subjects: int = 50,
-        workers: int = 2, compile_precisions: list[str] | None = None) -> dict:
+        workers: int = 2, compile_precisions: list[str] | None = None, on_device: bool = False) -> dict:
     quiet_third_party()
     dev = device()
     precisions = ["32-true", "bf16-mixed"] + (["16-mixed"] if dev.type == "cuda" else [])
     peaks = {p: matmul_peak(PEAK_DTYPE[p], dev) for p in precisions}
-    dm = full_size_datamodule(subjects=subjects, workers=workers)
+    dm = full_size_datamodule(subjects=subjects, workers=workers, on_device=on_device)
     dm.prepare_data()
     dm.setup("fit")
     module = study_module()
@@ -168,6 +169,7 @@ def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool =
     peaks = {p: max(v, matmul_peak(PEAK_DTYPE[p], dev)) for p, v in peaks.items()}  # best of start and end
 
     out: dict = {"device": device_name(), "threads": torch.get_num_threads(), "steps_per_arm": steps,
+                 "on_device": on_device,
                  "rounds": rounds, "loader_workers": workers, "step_gflop": flops / 1e9}
     tag = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
     for p in precisions:
@@ -232,10 +234,11 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-precisions", help="comma-separated; default: every precision of the run")
     ap.add_argument("--no-multitask", action="store_true")
+    ap.add_argument("--on-device", action="store_true", help="data.on_device: batches gathered on the device")
     args = ap.parse_args()
     compile_precisions = args.compile_precisions.split(",") if args.compile_precisions else None
     print(json.dumps(run(args.steps, args.rounds, not args.no_compile, not args.no_multitask, args.subjects,
-                         args.workers, compile_precisions), indent=2))
+                         args.workers, compile_precisions, args.on_device), indent=2))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ bench() {  # bench NAME LOG SECONDS ARGS...: one benchmark module under a time l
 }
 
 # STEPS steps of 10 slices each: 80 steps are the study's epoch of 800 slices
+# ON_DEVICE=1: first the training benchmark with data.on_device (slices gathered in the GPU's memory), the question
+# the last GPU run left (is the host loader what the GPU waits for?); skip the rest with ONLY_ON_DEVICE=1
+if [ "${ON_DEVICE:-0}" = 1 ]; then
+    bench bench_train train_on_device 240 --subjects "$SUBJECTS" --workers "$WORKERS" --steps "$STEPS" \
+        --rounds "$ROUNDS" --no-compile --no-multitask --on-device
+    [ "${ONLY_ON_DEVICE:-0}" = 1 ] && exit 0
+fi
 bench bench_train train 380 --subjects "$SUBJECTS" --workers "$WORKERS" --steps "$STEPS" --rounds "$ROUNDS" \
     --compile-precisions bf16-mixed
 bench bench_inference inference_bf16 45 --precision bf16-mixed --batch 64
