@@ -27,16 +27,23 @@ def _output_channels(head: str, organs: list) -> int:
     return output_channels(head, organs)
 
 
+def slices_or_patches(stack: int, slices, patches):
+    """``${slices_or_patches:${data.stack},A,B}``: A for a slice network (``data.stack`` 1 or 5), B for a volumetric
+    patch network (``data.stack=0``); e.g. experiment=quick's batch size, 8 slices or 2 patches."""
+    return patches if int(stack) == 0 else slices
+
+
 def register_resolvers() -> None:
     """``${organs:${organ}}``, ``${channels:${content}}``, ``${len:...}``,
-    ``${map_channels:${landmarks.combine},${landmarks.pairs}}`` and ``${output_channels:${head},${data.organs}}``
-    for the configs."""
+    ``${map_channels:${landmarks.combine},${landmarks.pairs}}``, ``${output_channels:${head},${data.organs}}`` and
+    ``${slices_or_patches:${data.stack},A,B}`` for the configs."""
     for name, fn in {
         "organs": organs_of,
         "channels": lambda content: list(CONTENTS.get(content, [content])),
         "len": lambda x: len(x),
         "map_channels": map_channels,
         "output_channels": _output_channels,
+        "slices_or_patches": slices_or_patches,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

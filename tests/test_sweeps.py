@@ -90,6 +90,15 @@ def test_recipe_experiments_plan_40_jobs_that_compose(experiment):
                     assert list(cfg.data.patch_size) == [64, 160, 160] and cfg.data.phantom.n_subjects == 50
 
 
+def test_quick_batches_are_8_slices_or_2_patches():
+    """experiment=quick sets the batch after the model config: 8 for slice networks, 2 for a volumetric one."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for model, batch in (("unet2d", 8), ("unet3d", 8), ("unet3d_full_quick", 2)):
+            cfg = compose(config_name="train", overrides=["experiment=quick", f"model={model}"])
+            assert cfg.data.batch_size == batch, model
+            validate(cfg)
+
+
 def test_grid_rows_refuse_a_key_in_both():
     from hydra.errors import HydraException
 
