@@ -24,7 +24,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from landmark_unet.data.organs import unpack_labels
 from landmark_unet.data.slices import SliceDataset
+
+
+def _starts(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    """int64 start of each of consecutive blocks of ``lengths``: 0, l0, l0 + l1, ..."""
+    return torch.tensor(np.concatenate([[0], np.cumsum(lengths)[:-1]]), dtype=torch.int64, device=device)
 
 
 class SliceRows(Dataset):
@@ -68,7 +74,7 @@ class DeviceSlices:
         h, w = dataset.size
         depths = [int(e.shape[2]) for e in entries]
         self.depth = torch.tensor(depths, dtype=torch.int64, device=self.device)
-        self.offset = torch.tensor(np.concatenate([[0], np.cumsum(depths)[:-1]]), dtype=torch.int64, device=self.device)
+        self.offset = _starts(depths, self.device)
         self.sizes = torch.tensor([[int(e.shape[0]), int(e.shape[1])] for e in entries], dtype=torch.int64,
                                   device=self.device)
         self.subject_ids = torch.tensor(list(dataset.subject_ids), dtype=torch.int64, device=self.device)
@@ -86,8 +92,7 @@ class DeviceSlices:
         if dataset.distance_key is not None:
             volumes = [entry.distance_volume(dataset.distance_key) for entry in entries]  # (Z', L, X, Y)
             map_depths = [int(v.shape[0]) for v in volumes]
-            self.map_offset = torch.tensor(np.concatenate([[0], np.cumsum(map_depths)[:-1]]), dtype=torch.int64,
-                                           device=self.device)
+            self.map_offset = _starts(map_depths, self.device)
             self.map_per_slice = torch.tensor([d > 1 for d in map_depths], device=self.device)
             self.maps = torch.zeros((sum(map_depths), volumes[0].shape[1], h, w), dtype=torch.float32,
                                     device=self.device)
@@ -111,7 +116,7 @@ class DeviceSlices:
         ks = torch.minimum((k[:, None] + steps).clamp(min=0), self.depth[e][:, None] - 1)  # (B, S)
         image = self.image[self.offset[e][:, None] + ks].float().transpose(1, 2)  # (B, C, S, H, W)
         packed = self.labels[self.offset[e] + k]  # (B, H, W)
-        mask = ((packed[:, None] & self.bits[None, :, None, None]) > 0).float()  # (B, K, H, W)
+        mask = unpack_labels(packed, self.bits, axis=1).float()  # (B, K, H, W)
         batch = {"image": image[:, :, 0] if self.stack == 1 else image, "mask": mask, "subject": self.subject_ids[e],
                  "slice": k, "size": self.sizes[e]}
         if self.maps is not None:
