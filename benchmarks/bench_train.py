@@ -3,6 +3,7 @@ FLOP utilisation, time waiting for data, and seconds per epoch against the study
 
     python -m benchmarks.bench_train [--steps 3] [--rounds 2] [--subjects 50] [--workers 2] [--no-compile]
                                      [--compile-precisions 32-true,bf16-mixed] [--no-multitask] [--on-device]
+                                     [--precisions 32-true,bf16-mixed,16-mixed]
 
 Setting (the study's section 3.4): classic U-Net 64-1024 (channels-last, as the model configs set it), batch 10 of
 2 x 256 x 256 fat + water slices of the full-size phantom through the real DataModule and DataLoader (2 workers),
@@ -13,12 +14,15 @@ from ``data.on_device`` (slices gathered in the device's memory, the loader carr
   LightningModule (its TensorBoard logging, callbacks and hooks included) and once through a hand-written loop
   (next batch, to device, autocast forward, loss, backward, step). Arms alternate (L P, then P L) for ``rounds``
   rounds; each arm runs ``steps + 1`` steps and its first (loader start, kernel warm-up) is dropped. Ratio of
-  medians of the step times (slices/s Lightning over slices/s plain).
+  medians of the step times (slices/s Lightning over slices/s plain). On a GPU the times are read from CUDA
+  events with no host synchronisation between steps, as in a training run (the host queues the next step while
+  the GPU runs this one); a per-step synchronisation would add each arm's host-side cost to every step.
 - **bf16**: the same Lightning arms in bf16-mixed, interleaved with the fp32 ones; ``bf16_speedup`` = fp32 step
   time / bf16 step time.
 - **FLOP utilisation**: FLOPs of one training step counted by ``torch.utils.flop_counter`` (forward + backward),
   over the Lightning step time, over the peak of a large matmul in the same precision measured in this run.
-- **Data wait**: share of the Lightning step time spent between steps (fetch, transfer; the EpochTimer's measure).
+- **Data wait**: share of the Lightning step time spent between steps (fetch, transfer, batch hooks; on a GPU the
+  time the GPU spent between the end of one step and the start of the next).
 - **Seconds per epoch**: 800 slices (the study's Table 1: about 800 organ slices per epoch, 100 s single-task and
   170 s multi-task on a GTX 1080) at the measured Lightning step time; the multi-task network (fat only, five heads)
   is timed the same way in bf16-mixed (fp32 on a GPU as well).
@@ -41,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import PEAK_DTYPE, device, device_name, full_size_datamodule, matmul_peak, median, sync
+from benchmarks.common import PEAK_DTYPE, device, device_name, full_size_datamodule, matmul_peak, median
 from landmark_unet.config import quiet_third_party
 from landmark_unet.inference import autocast
 from landmark_unet.lit.segmentation import SegmentationModule
@@ -63,26 +67,55 @@ def study_module(multitask: bool = False, compile: bool = False) -> Segmentation
     return SegmentationModule(net, organs, rmsprop(), channels_last=True, compile=compile)
 
 
-class StepClock(pl.Callback):
-    """Wall time from the end of one training step to the end of the next (so fetching is included), and the part
-    of it spent before the step started (the wait for data)."""
+class Marks:
+    """Points in time on the device's timeline: CUDA events on a GPU (recorded in stream order, no host
+    synchronisation, so the host may run ahead as in a real training run), the host clock on a CPU (where the
+    work is synchronous)."""
 
-    def __init__(self):
-        self.steps: list[float] = []
-        self.waits: list[float] = []
-        self._end = 0.0
+    def __init__(self, dev: torch.device):
+        self.cuda = dev.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, a, b) -> float:
+        """Seconds from mark ``a`` to mark ``b`` (waits for ``b`` on a GPU)."""
+        if not self.cuda:
+            return b - a
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+
+
+class StepClock(pl.Callback):
+    """Per training step: the time from the end of the previous step to the end of this one (so fetching and
+    transfer are included), and the part of it before this step started (the wait for data: fetch, transfer to
+    the device, the batch hooks). On a GPU both are read from CUDA events, so a wait the host hides behind queued
+    work is not counted and an idle GPU is."""
+
+    def __init__(self, dev: torch.device):
+        self.marks = Marks(dev)
+        self._starts: list = []
+        self._ends: list = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._end = time.perf_counter()
+        self._ends = [self.marks.mark()]
+        self._starts = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.waits.append(time.perf_counter() - self._end)
+        self._starts.append(self.marks.mark())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        sync(pl_module.device)
-        now = time.perf_counter()
-        self.steps.append(now - self._end)
-        self._end = now
+        self._ends.append(self.marks.mark())
+
+    def times(self) -> tuple[list[float], list[float]]:
+        """(step seconds, wait seconds), one each per step."""
+        steps = [self.marks.seconds(a, b) for a, b in zip(self._ends, self._ends[1:])]
+        waits = [self.marks.seconds(a, b) for a, b in zip(self._ends, self._starts)]
+        return steps, waits
 
 
 def lightning_arm(module: SegmentationModule, dm, precision: str, steps: int,
@@ -91,7 +124,7 @@ def lightning_arm(module: SegmentationModule, dm, precision: str, steps: int,
     is the Trainer's cuDNN-autotuner switch (None: leave torch's setting, off by default)."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    clock = StepClock()
+    clock = StepClock(device())
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(accelerator="auto", devices=1, precision=precision, max_epochs=1,
                              limit_train_batches=steps + 1, limit_val_batches=0, num_sanity_val_steps=0,
@@ -99,7 +132,8 @@ def lightning_arm(module: SegmentationModule, dm, precision: str, steps: int,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              callbacks=[clock], default_root_dir=tmp, benchmark=benchmark)
         trainer.fit(module, datamodule=dm)
-    return clock.steps[1:], clock.waits[1:]
+    steps_, waits = clock.times()
+    return steps_[1:], waits[1:]
 
 
 def plain_arm(module: SegmentationModule, dm, precision: str, steps: int, dev: torch.device) -> list[float]:
@@ -108,7 +142,8 @@ def plain_arm(module: SegmentationModule, dm, precision: str, steps: int, dev: t
     optimizer = rmsprop()(net.parameters())
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "16-mixed")
     batches = itertools.chain.from_iterable(itertools.repeat(dm.train_dataloader()))  # epochs, end to end
-    times, end = [], time.perf_counter()
+    clock = Marks(dev)
+    ends = [clock.mark()]
     for _ in range(steps + 1):
         batch = dm.transfer_batch_to_device(next(batches), dev, 0)  # data.on_device: gathers the slices there
         x = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -120,10 +155,8 @@ def plain_arm(module: SegmentationModule, dm, precision: str, steps: int, dev: t
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        sync(dev)
-        now = time.perf_counter()
-        times.append(now - end)
-        end = now
+        ends.append(clock.mark())
+    times = [clock.seconds(a, b) for a, b in zip(ends, ends[1:])]
     del batches
     return times[1:]
 
@@ -140,10 +173,11 @@ def step_flops(module: SegmentationModule, dev: torch.device, channels: int) -> 
 
 
 def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool = True, subjects: int = 50,
-        workers: int = 2, compile_precisions: list[str] | None = None, on_device: bool = False) -> dict:
+        workers: int = 2, compile_precisions: list[str] | None = None, on_device: bool = False,
+        precisions: list[str] | None = None) -> dict:
     quiet_third_party()
     dev = device()
-    precisions = ["32-true", "bf16-mixed"] + (["16-mixed"] if dev.type == "cuda" else [])
+    precisions = precisions or ["32-true", "bf16-mixed"] + (["16-mixed"] if dev.type == "cuda" else [])
     peaks = {p: matmul_peak(PEAK_DTYPE[p], dev) for p in precisions}
     dm = full_size_datamodule(subjects=subjects, workers=workers, on_device=on_device)
     dm.prepare_data()
@@ -183,12 +217,13 @@ def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool =
         out[f"seconds_per_epoch_2d_{tag[p]}"] = STUDY_SLICES_PER_EPOCH / BATCH * lt
     fastest = min(precisions, key=lambda p: out[f"step_seconds_lightning_{tag[p]}"])
     out["lightning_vs_plain_ratio"] = min(out[f"lightning_vs_plain_ratio_{tag[p]}"] for p in precisions)
-    out["bf16_speedup"] = out["step_seconds_lightning_fp32"] / out["step_seconds_lightning_bf16"]
+    if {"32-true", "bf16-mixed"} <= set(precisions):
+        out["bf16_speedup"] = out["step_seconds_lightning_fp32"] / out["step_seconds_lightning_bf16"]
     out["data_wait_fraction"] = max(out[f"data_wait_fraction_{tag[p]}"] for p in precisions)
     out["seconds_per_epoch_2d"] = out[f"seconds_per_epoch_2d_{tag[fastest]}"]
     out["seconds_per_epoch_2d_precision"] = fastest
 
-    if dev.type == "cuda":  # the cuDNN autotuner, bf16-mixed, interleaved with the default arm
+    if dev.type == "cuda" and "bf16-mixed" in precisions:  # the cuDNN autotuner, bf16-mixed, interleaved with the default arm
         tuned, default = [], []
         for r in range(rounds):
             for on in ((True, False) if r % 2 == 0 else (False, True)):
@@ -235,10 +270,13 @@ def main() -> None:
     ap.add_argument("--compile-precisions", help="comma-separated; default: every precision of the run")
     ap.add_argument("--no-multitask", action="store_true")
     ap.add_argument("--on-device", action="store_true", help="data.on_device: batches gathered on the device")
+    ap.add_argument("--precisions", help="comma-separated, fp32 and bf16-mixed first; default: 32-true,bf16-mixed "
+                                         "(and 16-mixed on a GPU)")
     args = ap.parse_args()
     compile_precisions = args.compile_precisions.split(",") if args.compile_precisions else None
     print(json.dumps(run(args.steps, args.rounds, not args.no_compile, not args.no_multitask, args.subjects,
-                         args.workers, compile_precisions, args.on_device), indent=2))
+                         args.workers, compile_precisions, args.on_device,
+                         args.precisions.split(",") if args.precisions else None), indent=2))
 
 
 if __name__ == "__main__":

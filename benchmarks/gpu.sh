@@ -3,6 +3,7 @@
 # lines, then the JSON result) written to $OUT/<name>.log as it runs, so a benchmark cut short still leaves its figures.
 #
 #     OUT=gpu-results bash benchmarks/gpu.sh            # on a machine with a GPU, from the repository root
+#     PLAN="step train_on_device" OUT=gpu-results bash benchmarks/gpu.sh     # a part of it
 #
 # Wheels in .whl/ (packages the GPU image lacks) are installed to /tmp/site first. SUBJECTS, WORKERS, STEPS and
 # ROUNDS size the training benchmark; the defaults fit about 7 minutes on one H100/H200 with 16 CPU cores.
@@ -29,20 +30,30 @@ bench() {  # bench NAME LOG SECONDS ARGS...: one benchmark module under a time l
     local t0=$SECONDS
     timeout "$limit" python3 -m "benchmarks.$name" "$@" > "$OUT/$log.log" 2>&1
     echo "== $log: exit $? after $((SECONDS - t0)) s"
-    grep -E '^(round|cudnn|compiled|multitask|2d|depth5)' "$OUT/$log.log" | tail -40
+    grep -E '^(round|cudnn|compiled|multitask|2d|depth5|step|profile|Traceback|[A-Za-z]*Error)' "$OUT/$log.log" | tail -40
 }
 
-# STEPS steps of 10 slices each: 80 steps are the study's epoch of 800 slices
-# ON_DEVICE=1: first the training benchmark with data.on_device (slices gathered in the GPU's memory), the question
-# the last GPU run left (is the host loader what the GPU waits for?); skip the rest with ONLY_ON_DEVICE=1
-if [ "${ON_DEVICE:-0}" = 1 ]; then
-    bench bench_train train_on_device 240 --subjects "$SUBJECTS" --workers "$WORKERS" --steps "$STEPS" \
-        --rounds "$ROUNDS" --no-compile --no-multitask --on-device
-    [ "${ONLY_ON_DEVICE:-0}" = 1 ] && exit 0
-fi
-bench bench_train train 380 --subjects "$SUBJECTS" --workers "$WORKERS" --steps "$STEPS" --rounds "$ROUNDS" \
-    --compile-precisions bf16-mixed
-bench bench_inference inference_bf16 45 --precision bf16-mixed --batch 64
-bench bench_models models 60 --steps 3
-bench bench_data data 70 --subjects "$SUBJECTS" --workers "$WORKERS"
-bench bench_inference inference_fp16 50 --precision 16-mixed --batch 64
+# STEPS steps of 10 slices each: 80 steps are the study's epoch of 800 slices. PLAN names the benchmarks to run, in
+# order (default: all of them):
+#   step             the training step alone on batches in the GPU's memory (MFU by batch size, CUDA graph, profile)
+#   train_on_device  bench_train with data.on_device (slices gathered in the GPU's memory), fp32 / bf16 / fp16
+#   train            bench_train with the host loader, plus torch.compile (bf16) and the multi-task network
+#   train_host       bench_train with the host loader, fp32 and bf16 only, no compile or multi-task (shorter)
+#   inference_bf16, inference_fp16, models, data
+PLAN=${PLAN:-step train_on_device train inference_bf16 models data inference_fp16}
+for item in $PLAN; do
+    case $item in
+    step) bench bench_step step 90 --batches 10,20,40 --steps 30 --rounds 2 ;;
+    train_on_device) bench bench_train train_on_device 240 --subjects "$SUBJECTS" --workers "$WORKERS" \
+        --steps "$STEPS" --rounds "$ROUNDS" --no-compile --no-multitask --on-device ;;
+    train) bench bench_train train 380 --subjects "$SUBJECTS" --workers "$WORKERS" --steps "$STEPS" \
+        --rounds "$ROUNDS" --compile-precisions bf16-mixed ;;
+    train_host) bench bench_train train_host 150 --subjects "$SUBJECTS" --workers "$WORKERS" --steps "$STEPS" \
+        --rounds "$ROUNDS" --no-compile --no-multitask --precisions 32-true,bf16-mixed ;;
+    inference_bf16) bench bench_inference inference_bf16 45 --precision bf16-mixed --batch 64 ;;
+    inference_fp16) bench bench_inference inference_fp16 50 --precision 16-mixed --batch 64 ;;
+    models) bench bench_models models 60 --steps 3 ;;
+    data) bench bench_data data 70 --subjects "$SUBJECTS" --workers "$WORKERS" ;;
+    *) echo "unknown PLAN item: $item"; exit 2 ;;
+    esac
+done

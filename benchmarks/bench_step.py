@@ -1,0 +1,201 @@
+"""The study's 2D training step alone, on batches already in the device's memory: where its time goes and how
+close it comes to the machine's matmul peak, as the batch grows and with the step captured as a CUDA graph.
+
+    python -m benchmarks.bench_step [--batches 10,20,40] [--steps 30] [--rounds 2] [--precision bf16-mixed]
+                                    [--no-profile]
+
+Network and step as ``bench_train``'s plain loop (classic U-Net 64-1024, channels-last, RMSprop, BCE with logits,
+autocast), without the loader: the FLOP utilisation this step can reach at all, against which ``bench_train``'s
+figures (loader, Lightning) are read. Variants, side by side and alternating over ``rounds``:
+
+- ``eager``: the step as written, one kernel launch at a time;
+- ``eager_cudnn_benchmark``: with cuDNN's autotuner (``torch.backends.cudnn.benchmark``; GPU only);
+- ``graph``: forward, backward and optimiser step captured once as a CUDA graph and replayed (GPU only; what
+  launch overhead and per-kernel gaps cost the eager step).
+
+Times are GPU-event times of ``steps`` steps in a row, with no host synchronisation between them (the throughput
+a training run gets); MFU is FLOPs per step (``torch.utils.flop_counter``) over that time over a large matmul's
+FLOP/s measured in this run. ``--profile`` (default on a GPU): the eager step at the first batch size under
+``torch.profiler``, its GPU kernel time summed by kind (convolution, batch norm, element-wise, ...) and the share
+of the step the GPU was busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, median, sync
+from landmark_unet.models.unet2d import UNet2d
+
+
+def study_step(batch: int, precision: str, dev: torch.device, graph: bool = False):
+    """A zero-argument function running one training step of a fresh study network on a fixed random batch
+    (B, 2, 256, 256); with ``graph`` the step is captured as a CUDA graph and the function replays it."""
+    torch.manual_seed(0)
+    net = UNet2d(2, 1).to(dev).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.RMSprop(net.parameters(), lr=1e-5, weight_decay=1e-8, momentum=0.9, capturable=graph)
+    x = torch.randn(batch, 2, 256, 256, device=dev).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand(batch, 1, 256, 256, device=dev) > 0.5).float()
+    dtype = PEAK_DTYPE[precision]
+    autocast = functools.partial(torch.autocast, dev.type, dtype=dtype, enabled=dtype != torch.float32,
+                                 cache_enabled=not graph)  # a graph must not keep autocast's weight-cast cache
+
+    def step() -> None:
+        with autocast():
+            logits = net(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    if not graph:
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (optimiser state, cuDNN plans) off the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(g):
+        with autocast():
+            logits = net(x)
+        F.binary_cross_entropy_with_logits(logits.float(), y).backward()
+        opt.step()
+    return g.replay
+
+
+def time_steps(step, steps: int, dev: torch.device) -> float:
+    """Seconds per step of ``steps`` steps in a row after two warm-up steps (GPU events; wall time on a CPU)."""
+    for _ in range(2):
+        step()
+    sync(dev)
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def step_flops(batch: int, dev: torch.device) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = UNet2d(2, 1).to(dev).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 2, 256, 256, device=dev).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter:
+        net(x).float().sum().backward()
+    return counter.get_total_flops()
+
+
+KINDS = (  # kernel-name fragments (lower case) -> kind; the first match wins
+    ("convolution", ("conv", "cudnn", "xmma", "implicit", "wgrad", "dgrad", "fprop", "sm90", "sm80", "cutlass",
+                     "gemm", "nhwckrsc")),
+    ("batch norm", ("batch_norm", "batchnorm", "bn_", "welford")),
+    ("pooling", ("pool",)),
+    ("concatenation", ("cat", "concat")),
+    ("optimiser", ("foreach", "multi_tensor")),
+    ("reduction", ("reduce",)),
+    ("element-wise", ("elementwise", "vectorized", "unrolled", "threshold", "relu", "copy", "fill")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def profile(step, steps: int = 5) -> dict:
+    """GPU kernel time per step summed by kind, the busiest kernels, and the share of the step the GPU was busy."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    kinds: dict[str, float] = collections.defaultdict(float)
+    kernels: dict[str, float] = collections.defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:  # a kernel, memory copy or memset on the GPU
+            seconds = e.time_range.elapsed_us() / 1e6 / steps
+            kinds[kind_of(e.name)] += seconds
+            kernels[e.name[:90]] += seconds
+    busy = sum(kinds.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    return {"profile_wall_seconds_per_step": wall, "profile_gpu_busy_seconds_per_step": busy,
+            "profile_seconds_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "profile_top_kernels": dict(top)}
+
+
+def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str = "bf16-mixed",
+        profile_step: bool | None = None) -> dict:
+    dev = device()
+    peak = matmul_peak(PEAK_DTYPE[precision], dev)
+    variants = ["eager"] + (["eager_cudnn_benchmark", "graph"] if dev.type == "cuda" else [])
+    out: dict = {"device": device_name(), "precision": precision, "steps": steps, "rounds": rounds}
+    for b in batches:
+        flops = step_flops(b, dev)
+        times = collections.defaultdict(list)
+        for r in range(rounds):
+            for v in (variants if r % 2 == 0 else variants[::-1]):
+                torch.backends.cudnn.benchmark = v == "eager_cudnn_benchmark"
+                try:
+                    times[v].append(time_steps(study_step(b, precision, dev, graph=v == "graph"), steps, dev))
+                except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others' figures
+                    out[f"error_{v}_b{b}"] = f"{type(e).__name__}: {e}"[:300]
+                    print(f"{v} batch {b}: failed: {out[f'error_{v}_b{b}']}", flush=True)
+                    break
+                torch.backends.cudnn.benchmark = False
+                print(f"step batch {b} {v}: {times[v][-1] * 1e3:.2f} ms", flush=True)
+        torch.backends.cudnn.benchmark = False
+        out[f"step_gflop_b{b}"] = flops / 1e9
+        for v, ts in times.items():
+            out[f"step_seconds_{v}_b{b}"] = median(ts)
+    peak = max(peak, matmul_peak(PEAK_DTYPE[precision], dev))  # best of start and end
+    out["matmul_peak_tflops"] = peak / 1e12
+    for b in batches:
+        for v in variants:
+            if f"step_seconds_{v}_b{b}" in out:
+                out[f"mfu_{v}_b{b}"] = out[f"step_gflop_b{b}"] * 1e9 / out[f"step_seconds_{v}_b{b}"] / peak
+    if profile_step if profile_step is not None else dev.type == "cuda":
+        out |= profile(study_step(batches[0], precision, dev))
+        print("profile (ms per step by kind): " + ", ".join(
+            f"{k} {v * 1e3:.2f}" for k, v in out["profile_seconds_by_kind"].items()), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="10,20,40")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--precision", default="bf16-mixed", choices=sorted(PEAK_DTYPE))
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args()
+    batches = tuple(int(b) for b in args.batches.split(","))
+    print(json.dumps(run(batches, args.steps, args.rounds, args.precision, False if args.no_profile else None),
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
