@@ -2,7 +2,7 @@
 close it comes to the machine's matmul peak, as the batch grows and with the step captured as a CUDA graph.
 
     python -m benchmarks.bench_step [--batches 10,20,40] [--steps 30] [--rounds 2] [--precision bf16-mixed]
-                                    [--no-profile]
+                                    [--variants eager,graph,compiled] [--no-profile]
 
 Network and step as ``bench_train``'s plain loop (classic U-Net 64-1024, channels-last, RMSprop, BCE with logits,
 autocast), without the loader: the FLOP utilisation this step can reach at all, against which ``bench_train``'s
@@ -11,11 +11,13 @@ figures (loader, Lightning) are read. Variants, side by side and alternating ove
 - ``eager``: the step as written, one kernel launch at a time;
 - ``eager_cudnn_benchmark``: with cuDNN's autotuner (``torch.backends.cudnn.benchmark``; GPU only);
 - ``graph``: forward, backward and optimiser step captured once as a CUDA graph and replayed (GPU only; what
-  launch overhead and per-kernel gaps cost the eager step).
+  launch overhead and per-kernel gaps cost the eager step);
+- ``compiled``, ``compiled_graph``: the network compiled by ``torch.compile`` (``model.compile=true``; its
+  fusions of batch norm, ReLU, pooling and concatenation), eager and captured (named with ``--variants``).
 
 Times are GPU-event times of ``steps`` steps in a row, with no host synchronisation between them (the throughput
 a training run gets); MFU is FLOPs per step (``torch.utils.flop_counter``) over that time over a large matmul's
-FLOP/s measured in this run. ``--profile`` (default on a GPU): the eager step at the first batch size under
+FLOP/s measured in this run. Profile (on a GPU unless ``--no-profile``): the eager (or compiled) step at the first batch size under
 ``torch.profiler``, its GPU kernel time summed by kind (convolution, batch norm, element-wise, ...) and the share
 of the step the GPU was busy.
 """
@@ -35,11 +37,14 @@ from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, medi
 from landmark_unet.models.unet2d import UNet2d
 
 
-def study_step(batch: int, precision: str, dev: torch.device, graph: bool = False):
+def study_step(batch: int, precision: str, dev: torch.device, graph: bool = False, compile: bool = False):
     """A zero-argument function running one training step of a fresh study network on a fixed random batch
-    (B, 2, 256, 256); with ``graph`` the step is captured as a CUDA graph and the function replays it."""
+    (B, 2, 256, 256); with ``graph`` the step is captured as a CUDA graph and the function replays it; with
+    ``compile`` the network is compiled by ``torch.compile`` (default mode) first."""
     torch.manual_seed(0)
     net = UNet2d(2, 1).to(dev).to(memory_format=torch.channels_last).train()
+    if compile:
+        net.compile()
     opt = torch.optim.RMSprop(net.parameters(), lr=1e-5, weight_decay=1e-8, momentum=0.9, capturable=graph)
     x = torch.randn(batch, 2, 256, 256, device=dev).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, 1, 256, 256, device=dev) > 0.5).float()
@@ -103,6 +108,7 @@ def step_flops(batch: int, dev: torch.device) -> int:
 
 
 KINDS = (  # kernel-name fragments (lower case) -> kind; the first match wins
+    ("fused by torch.compile (Triton)", ("triton",)),
     ("convolution", ("conv", "cudnn", "xmma", "implicit", "wgrad", "dgrad", "fprop", "sm90", "sm80", "cutlass",
                      "gemm", "nhwckrsc")),
     ("batch norm", ("batch_norm", "batchnorm", "bn_", "welford")),
@@ -147,11 +153,14 @@ def profile(step, steps: int = 5) -> dict:
             "profile_top_kernels": dict(top)}
 
 
+VARIANTS = ("eager", "eager_cudnn_benchmark", "graph", "compiled", "compiled_graph")
+
+
 def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str = "bf16-mixed",
-        profile_step: bool | None = None) -> dict:
+        profile_step: bool | None = None, variants: tuple[str, ...] | None = None) -> dict:
     dev = device()
     peak = matmul_peak(PEAK_DTYPE[precision], dev)
-    variants = ["eager"] + (["eager_cudnn_benchmark", "graph"] if dev.type == "cuda" else [])
+    variants = list(variants or (("eager", "eager_cudnn_benchmark", "graph") if dev.type == "cuda" else ("eager",)))
     out: dict = {"device": device_name(), "precision": precision, "steps": steps, "rounds": rounds}
     for b in batches:
         flops = step_flops(b, dev)
@@ -160,7 +169,11 @@ def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str =
             for v in (variants if r % 2 == 0 else variants[::-1]):
                 torch.backends.cudnn.benchmark = v == "eager_cudnn_benchmark"
                 try:
-                    times[v].append(time_steps(study_step(b, precision, dev, graph=v == "graph"), steps, dev))
+                    t0 = time.perf_counter()
+                    step = study_step(b, precision, dev, graph=v.endswith("graph"), compile=v.startswith("compiled"))
+                    step()  # compiles a compiled variant
+                    out.setdefault(f"first_step_seconds_{v}_b{b}", time.perf_counter() - t0)
+                    times[v].append(time_steps(step, steps, dev))
                 except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others' figures
                     out[f"error_{v}_b{b}"] = f"{type(e).__name__}: {e}"[:300]
                     print(f"{v} batch {b}: failed: {out[f'error_{v}_b{b}']}", flush=True)
@@ -178,7 +191,9 @@ def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str =
             if f"step_seconds_{v}_b{b}" in out:
                 out[f"mfu_{v}_b{b}"] = out[f"step_gflop_b{b}"] * 1e9 / out[f"step_seconds_{v}_b{b}"] / peak
     if profile_step if profile_step is not None else dev.type == "cuda":
-        out |= profile(study_step(batches[0], precision, dev))
+        compiled = "compiled" in variants  # profile the compiled step when it was timed
+        out["profile_variant"] = "compiled" if compiled else "eager"
+        out |= profile(study_step(batches[0], precision, dev, compile=compiled))
         print("profile (ms per step by kind): " + ", ".join(
             f"{k} {v * 1e3:.2f}" for k, v in out["profile_seconds_by_kind"].items()), flush=True)
     return out
@@ -191,10 +206,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--precision", default="bf16-mixed", choices=sorted(PEAK_DTYPE))
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--variants", help=f"comma-separated, of {', '.join(VARIANTS)}; default: those without "
+                                       "compilation (eager only on a CPU)")
     args = ap.parse_args()
     batches = tuple(int(b) for b in args.batches.split(","))
-    print(json.dumps(run(batches, args.steps, args.rounds, args.precision, False if args.no_profile else None),
-                     indent=2))
+    variants = tuple(args.variants.split(",")) if args.variants else None
+    if variants and not set(variants) <= set(VARIANTS):
+        ap.error(f"--variants: unknown {sorted(set(variants) - set(VARIANTS))}")
+    print(json.dumps(run(batches, args.steps, args.rounds, args.precision, False if args.no_profile else None,
+                         variants), indent=2))
 
 
 if __name__ == "__main__":

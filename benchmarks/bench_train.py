@@ -3,7 +3,7 @@ FLOP utilisation, time waiting for data, and seconds per epoch against the study
 
     python -m benchmarks.bench_train [--steps 3] [--rounds 2] [--subjects 50] [--workers 2] [--no-compile]
                                      [--compile-precisions 32-true,bf16-mixed] [--no-multitask] [--on-device]
-                                     [--precisions 32-true,bf16-mixed,16-mixed]
+                                     [--precisions 32-true,bf16-mixed,16-mixed] [--diagnose]
 
 Setting (the study's section 3.4): classic U-Net 64-1024 (channels-last, as the model configs set it), batch 10 of
 2 x 256 x 256 fat + water slices of the full-size phantom through the real DataModule and DataLoader (2 workers),
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import itertools
 import json
 import tempfile
@@ -82,6 +83,11 @@ class Marks:
         event.record()
         return event
 
+    # CUDA events must die in this process: one left in unreachable garbage (the Trainer holds this callback in
+    # reference cycles) is inherited by the next arm's forked loader workers, whose garbage collector then destroys
+    # it there and kills the worker with "CUDA error: initialization error" (seen on an H200). So the arms drop
+    # their marks once read, and collect garbage before the next arm starts its workers.
+
     def seconds(self, a, b) -> float:
         """Seconds from mark ``a`` to mark ``b`` (waits for ``b`` on a GPU)."""
         if not self.cuda:
@@ -112,9 +118,10 @@ class StepClock(pl.Callback):
         self._ends.append(self.marks.mark())
 
     def times(self) -> tuple[list[float], list[float]]:
-        """(step seconds, wait seconds), one each per step."""
+        """(step seconds, wait seconds), one each per step; the marks are dropped (see :meth:`Marks.drop`)."""
         steps = [self.marks.seconds(a, b) for a, b in zip(self._ends, self._ends[1:])]
         waits = [self.marks.seconds(a, b) for a, b in zip(self._ends, self._starts)]
+        self._ends, self._starts = [], []
         return steps, waits
 
 
@@ -133,6 +140,8 @@ def lightning_arm(module: SegmentationModule, dm, precision: str, steps: int,
                              callbacks=[clock], default_root_dir=tmp, benchmark=benchmark)
         trainer.fit(module, datamodule=dm)
     steps_, waits = clock.times()
+    del trainer
+    gc.collect()
     return steps_[1:], waits[1:]
 
 
@@ -157,8 +166,48 @@ def plain_arm(module: SegmentationModule, dm, precision: str, steps: int, dev: t
         scaler.update()
         ends.append(clock.mark())
     times = [clock.seconds(a, b) for a, b in zip(ends, ends[1:])]
-    del batches
+    del batches, ends
+    gc.collect()
     return times[1:]
+
+
+def diagnose(module: SegmentationModule, dm, precision: str, steps: int, dev: torch.device) -> dict:
+    """Where the host's time goes, Lightning arm against plain arm: on a GPU the synchronising CUDA calls of each
+    arm (``torch.cuda.set_sync_debug_mode``), counted by the Python line that made them; then the functions with
+    the most own time in each arm (cProfile, printed)."""
+    import collections
+    import cProfile
+    import io
+    import pstats
+    import warnings
+
+    out: dict = {}
+    for arm in ("lightning", "plain"):
+        def run_arm():
+            if arm == "lightning":
+                return lightning_arm(module, dm, precision, steps)[0]
+            return plain_arm(module, dm, precision, steps, dev)
+
+        if dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                run_arm()
+            torch.cuda.set_sync_debug_mode(0)
+            where = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught
+                                        if "synchroniz" in str(w.message))
+            out[f"syncs_{arm}"] = dict(where.most_common(12))
+            print(f"diagnose {arm} {steps + 1} steps, synchronising calls by line: {out[f'syncs_{arm}']}", flush=True)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        times = run_arm()
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        out[f"diagnose_step_seconds_{arm}"] = median(times)
+        print(f"diagnose {arm} {steps + 1} steps under cProfile, median {median(times) * 1e3:.2f} ms/step:\n"
+              f"{text.getvalue()}", flush=True)
+    return out
 
 
 def step_flops(module: SegmentationModule, dev: torch.device, channels: int) -> int:
@@ -174,7 +223,7 @@ def step_flops(module: SegmentationModule, dev: torch.device, channels: int) -> 
 
 def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool = True, subjects: int = 50,
         workers: int = 2, compile_precisions: list[str] | None = None, on_device: bool = False,
-        precisions: list[str] | None = None) -> dict:
+        precisions: list[str] | None = None, diagnose_host: bool = False) -> dict:
     quiet_third_party()
     dev = device()
     precisions = precisions or ["32-true", "bf16-mixed"] + (["16-mixed"] if dev.type == "cuda" else [])
@@ -184,6 +233,8 @@ def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool =
     dm.setup("fit")
     module = study_module()
     flops = step_flops(module, dev, channels=2)
+    if diagnose_host:
+        return {"device": device_name(), "on_device": on_device} | diagnose(module, dm, precisions[-1], steps, dev)
 
     lightning = {p: [] for p in precisions}
     plain = {p: [] for p in precisions}
@@ -272,11 +323,13 @@ def main() -> None:
     ap.add_argument("--on-device", action="store_true", help="data.on_device: batches gathered on the device")
     ap.add_argument("--precisions", help="comma-separated, fp32 and bf16-mixed first; default: 32-true,bf16-mixed "
                                          "(and 16-mixed on a GPU)")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="instead of the figures: where the host's time goes in each arm, in the last precision")
     args = ap.parse_args()
     compile_precisions = args.compile_precisions.split(",") if args.compile_precisions else None
     print(json.dumps(run(args.steps, args.rounds, not args.no_compile, not args.no_multitask, args.subjects,
                          args.workers, compile_precisions, args.on_device,
-                         args.precisions.split(",") if args.precisions else None), indent=2))
+                         args.precisions.split(",") if args.precisions else None, args.diagnose), indent=2))
 
 
 if __name__ == "__main__":

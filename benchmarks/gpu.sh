@@ -30,12 +30,15 @@ bench() {  # bench NAME LOG SECONDS ARGS...: one benchmark module under a time l
     local t0=$SECONDS
     timeout "$limit" python3 -m "benchmarks.$name" "$@" > "$OUT/$log.log" 2>&1
     echo "== $log: exit $? after $((SECONDS - t0)) s"
-    grep -E '^(round|cudnn|compiled|multitask|2d|depth5|step|profile|Traceback|[A-Za-z]*Error)' "$OUT/$log.log" | tail -40
+    grep -E '^(round|cudnn|compiled|multitask|2d|depth5|step|profile|diagnose|Traceback|[A-Za-z]*Error)' "$OUT/$log.log" | tail -40
 }
 
 # STEPS steps of 10 slices each: 80 steps are the study's epoch of 800 slices. PLAN names the benchmarks to run, in
 # order (default: all of them):
 #   step             the training step alone on batches in the GPU's memory (MFU by batch size, CUDA graph, profile)
+#   step_compile     the same at batch 10 with torch.compile, eager and captured (profile of the compiled step)
+#   train_diagnose   bench_train --diagnose, bf16, data.on_device: synchronising calls and cProfile of both arms
+#   train_compiled   bench_train with data.on_device, bf16 only, with the compiled network's Lightning arm
 #   train_on_device  bench_train with data.on_device (slices gathered in the GPU's memory), fp32 / bf16 / fp16
 #   train            bench_train with the host loader, plus torch.compile (bf16) and the multi-task network
 #   train_host       bench_train with the host loader, fp32 and bf16 only, no compile or multi-task (shorter)
@@ -44,6 +47,12 @@ PLAN=${PLAN:-step train_on_device train inference_bf16 models data inference_fp1
 for item in $PLAN; do
     case $item in
     step) bench bench_step step 90 --batches 10,20,40 --steps 30 --rounds 2 ;;
+    step_compile) bench bench_step step_compile 160 --batches 10 --steps 30 --rounds 2 \
+        --variants eager,graph,compiled,compiled_graph ;;
+    train_diagnose) bench bench_train train_diagnose 110 --subjects "$SUBJECTS" --workers "$WORKERS" --steps 40 \
+        --on-device --precisions bf16-mixed --diagnose ;;
+    train_compiled) bench bench_train train_compiled 150 --subjects "$SUBJECTS" --workers "$WORKERS" \
+        --steps "$STEPS" --rounds 1 --no-multitask --on-device --precisions bf16-mixed --compile-precisions bf16-mixed ;;
     train_on_device) bench bench_train train_on_device 240 --subjects "$SUBJECTS" --workers "$WORKERS" \
         --steps "$STEPS" --rounds "$ROUNDS" --no-compile --no-multitask --on-device ;;
     train) bench bench_train train 380 --subjects "$SUBJECTS" --workers "$WORKERS" --steps "$STEPS" \
