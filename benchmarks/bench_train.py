@@ -4,6 +4,7 @@ FLOP utilisation, time waiting for data, and seconds per epoch against the study
     python -m benchmarks.bench_train [--steps 3] [--rounds 2] [--subjects 50] [--workers 2] [--no-compile]
                                      [--compile-precisions 32-true,bf16-mixed] [--no-multitask] [--on-device]
                                      [--precisions 32-true,bf16-mixed,16-mixed] [--diagnose]
+                                     [--compile-mode reduce-overhead]
 
 Setting (the study's section 3.4): classic U-Net 64-1024 (channels-last, as the model configs set it), batch 10 of
 2 x 256 x 256 fat + water slices of the full-size phantom through the real DataModule and DataLoader (2 workers),
@@ -26,7 +27,8 @@ from ``data.on_device`` (slices gathered in the device's memory, the loader carr
 - **Seconds per epoch**: 800 slices (the study's Table 1: about 800 organ slices per epoch, 100 s single-task and
   170 s multi-task on a GTX 1080) at the measured Lightning step time; the multi-task network (fat only, five heads)
   is timed the same way in bf16-mixed (fp32 on a GPU as well).
-- **torch.compile** (``model.compile=true``): Lightning arms of the compiled network, after the others.
+- **torch.compile** (``model.compile=true``, or ``--compile-mode``): Lightning arm of the compiled network, after
+  the others, then the plain loop with the same compiled network.
 - **cuDNN autotuner** (GPU only): the bf16-mixed Lightning arm again with ``trainer.benchmark=true``
   (``torch.backends.cudnn.benchmark``), interleaved with the plain arm; ``cudnn_benchmark_speedup``.
 """
@@ -49,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import PEAK_DTYPE, device, device_name, full_size_datamodule, matmul_peak, median
 from landmark_unet.config import quiet_third_party
 from landmark_unet.inference import autocast
-from landmark_unet.lit.segmentation import SegmentationModule
+from landmark_unet.lit.segmentation import COMPILE_MODES, SegmentationModule
 from landmark_unet.models.multitask import UNet2dMultiTask
 from landmark_unet.models.unet2d import UNet2d
 
@@ -61,7 +63,7 @@ def rmsprop():
     return functools.partial(torch.optim.RMSprop, lr=1e-5, weight_decay=1e-8, momentum=0.9)
 
 
-def study_module(multitask: bool = False, compile: bool = False) -> SegmentationModule:
+def study_module(multitask: bool = False, compile: bool | str = False) -> SegmentationModule:
     torch.manual_seed(0)
     net = UNet2dMultiTask(1, 5) if multitask else UNet2d(2, 1)
     organs = ["liver", "kidneys", "pancreas", "spleen", "bladder"] if multitask else ["liver"]
@@ -221,7 +223,7 @@ def step_flops(module: SegmentationModule, dev: torch.device, channels: int) -> 
     return counter.get_total_flops()
 
 
-def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool = True, subjects: int = 50,
+def run(steps: int = 3, rounds: int = 2, compile: bool | str = True, multitask: bool = True, subjects: int = 50,
         workers: int = 2, compile_precisions: list[str] | None = None, on_device: bool = False,
         precisions: list[str] | None = None, diagnose_host: bool = False) -> dict:
     quiet_third_party()
@@ -239,6 +241,8 @@ def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool =
     lightning = {p: [] for p in precisions}
     plain = {p: [] for p in precisions}
     waits = {p: [] for p in precisions}
+    arm_medians: dict[str, list[float]] = {}
+    tag = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
     for r in range(rounds):
         for p in precisions:
             arms = ("lightning", "plain") if r % 2 == 0 else ("plain", "lightning")
@@ -248,15 +252,16 @@ def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool =
                     lightning[p] += times
                     waits[p] += wait
                 else:
-                    plain[p] += plain_arm(module, dm, p, steps, dev)
-                print(f"round {r} {p} {arm}: {lightning[p][-1] if arm == 'lightning' else plain[p][-1]:.3f} s/step",
-                      flush=True)
+                    times = plain_arm(module, dm, p, steps, dev)
+                    plain[p] += times
+                arm_medians.setdefault(f"arm_median_seconds_{arm}_{tag[p]}", []).append(median(times))
+                print(f"round {r} {p} {arm}: median {median(times) * 1e3:.2f} ms/step, slowest "
+                      f"{max(times) * 1e3:.1f} ms", flush=True)
     peaks = {p: max(v, matmul_peak(PEAK_DTYPE[p], dev)) for p, v in peaks.items()}  # best of start and end
 
     out: dict = {"device": device_name(), "threads": torch.get_num_threads(), "steps_per_arm": steps,
                  "on_device": on_device,
-                 "rounds": rounds, "loader_workers": workers, "step_gflop": flops / 1e9}
-    tag = {"32-true": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16"}
+                 "rounds": rounds, "loader_workers": workers, "step_gflop": flops / 1e9} | arm_medians
     for p in precisions:
         lt, pt = median(lightning[p]), median(plain[p])
         out[f"step_seconds_lightning_{tag[p]}"] = lt
@@ -286,16 +291,26 @@ def run(steps: int = 3, rounds: int = 2, compile: bool = True, multitask: bool =
         torch.backends.cudnn.benchmark = False  # the arms below as the ones above (Lightning keeps the last setting)
 
     if compile:
-        compiled = study_module(compile=True)
+        out["compile_mode"] = compile if isinstance(compile, str) else "default"
+        compiled = study_module(compile=compile)
         for p in compile_precisions or precisions:
             t0 = time.perf_counter()
-            lightning_arm(compiled, dm, p, 1)  # compiles for this precision
-            out[f"compile_seconds_{tag[p]}"] = time.perf_counter() - t0
-            times, _ = lightning_arm(compiled, dm, p, steps)
+            try:
+                lightning_arm(compiled, dm, p, 1)  # compiles for this precision
+                out[f"compile_seconds_{tag[p]}"] = time.perf_counter() - t0
+                times, _ = lightning_arm(compiled, dm, p, steps)
+                plain_times = plain_arm(compiled, dm, p, steps, dev)  # the same compiled network, hand-written loop
+            except Exception as e:  # noqa: BLE001 - keep the figures measured so far
+                out[f"compile_error_{tag[p]}"] = f"{type(e).__name__}: {e}"[:300]
+                print(f"compiled {p}: failed: {out[f'compile_error_{tag[p]}']}", flush=True)
+                continue
             out[f"step_seconds_lightning_compiled_{tag[p]}"] = median(times)
             out[f"mfu_compiled_{tag[p]}"] = flops / median(times) / peaks[p]
             out[f"compile_speedup_{tag[p]}"] = out[f"step_seconds_lightning_{tag[p]}"] / median(times)
-            print(f"compiled {p}: {median(times):.3f} s/step", flush=True)
+            out[f"step_seconds_plain_compiled_{tag[p]}"] = median(plain_times)
+            out[f"lightning_vs_plain_ratio_compiled_{tag[p]}"] = median(plain_times) / median(times)
+            print(f"compiled {p}: {median(times) * 1e3:.2f} ms/step, plain loop {median(plain_times) * 1e3:.2f}",
+                  flush=True)
 
     if multitask:
         mdm = full_size_datamodule(subjects=subjects, workers=workers, channels=("fat",),
@@ -318,6 +333,7 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=50)
     ap.add_argument("--workers", type=int, default=2, help="loader (and phantom, cache) workers")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode of the compiled arms")
     ap.add_argument("--compile-precisions", help="comma-separated; default: every precision of the run")
     ap.add_argument("--no-multitask", action="store_true")
     ap.add_argument("--on-device", action="store_true", help="data.on_device: batches gathered on the device")
@@ -327,7 +343,8 @@ def main() -> None:
                     help="instead of the figures: where the host's time goes in each arm, in the last precision")
     args = ap.parse_args()
     compile_precisions = args.compile_precisions.split(",") if args.compile_precisions else None
-    print(json.dumps(run(args.steps, args.rounds, not args.no_compile, not args.no_multitask, args.subjects,
+    compile = False if args.no_compile else (args.compile_mode or True)
+    print(json.dumps(run(args.steps, args.rounds, compile, not args.no_multitask, args.subjects,
                          args.workers, compile_precisions, args.on_device,
                          args.precisions.split(",") if args.precisions else None, args.diagnose), indent=2))
 

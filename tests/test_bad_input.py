@@ -261,6 +261,8 @@ CASES = [
     Case("config-stack-for-2d-model", "train", nothing, (*FOLDER, "data.stack=5"), ("data.stack", "UNet2d")),
     Case("config-unknown-map-encoding", "train", nothing, (*FOLDER, "fusion=early", "landmarks.encoding=cosine"),
          ("landmarks.encoding", "cosine")),
+    Case("config-unknown-compile-mode", "train", nothing, (*FOLDER, "model.compile=fast"),
+         ("model.compile", "fast", "reduce-overhead")),
     # checkpoints
     Case("checkpoint-truncated", "evaluate", truncate(ckpt), ("ckpt={ckpt}",), ("last.ckpt", "cannot read")),
     Case("checkpoint-not-a-checkpoint", "predict", lambda w: w.ckpt.write_bytes(np.random.default_rng(0).bytes(4096)),

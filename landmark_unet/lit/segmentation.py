@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from landmark_unet.data.augment import AffineAugment
+from landmark_unet.errors import InputError
 from landmark_unet.heads import check_head, organ_masks, probabilities
 from landmark_unet.losses import BCELoss, deep_supervision_loss
 from landmark_unet.metrics import PerBodyDice
@@ -28,6 +29,23 @@ def valid_region(size: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 def display_slice(x: torch.Tensor) -> torch.Tensor:
     """(X, Y) canonical axial slice -> (rows, cols) in radiological view (anterior up, patient right on the left)."""
     return x.flip(0).flip(1).T
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def compile_options(compile: bool | str) -> dict:
+    """``torch.compile`` keyword arguments for ``model.compile`` (True or one of :data:`COMPILE_MODES`).
+
+    Raises:
+        InputError: an unknown mode (names ``model.compile``).
+    """
+    if compile is True:
+        return {}
+    if compile not in COMPILE_MODES:
+        raise InputError("model.compile", f"expected true, false or one of {', '.join(COMPILE_MODES)}; "
+                                          f"got {compile!r}")
+    return {"mode": compile}
 
 
 class SegmentationModule(pl.LightningModule):
@@ -59,7 +77,10 @@ class SegmentationModule(pl.LightningModule):
         channels_last: keep the 2D convolutions' weights and inputs in channels-last memory format (faster on
             tensor-core GPUs and on CPUs with oneDNN: see benchmarks/README.md).
         compile: compile the network with ``torch.compile`` (``nn.Module.compile``: parameter names and
-            checkpoints stay those of the plain network). Costs a minute or so of compilation at the first step.
+            checkpoints stay those of the plain network): True for torch's default mode, or a mode by name
+            (:data:`COMPILE_MODES`; ``reduce-overhead`` also replays the compiled forward and backward as CUDA
+            graphs on a GPU, where the compiled step is otherwise limited by the host launching its kernels: see
+            benchmarks/README.md). Costs a minute or so of compilation at the first step.
     """
 
     def __init__(
@@ -71,7 +92,7 @@ class SegmentationModule(pl.LightningModule):
         threshold: float = 0.5,
         augmentation: dict | None = None,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         loss: nn.Module | None = None,
         head: str = "sigmoid",
         sliding_window: dict | None = None,
@@ -93,7 +114,7 @@ class SegmentationModule(pl.LightningModule):
                 if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                     m.to(memory_format=torch.channels_last)
         if compile:
-            self.net.compile()
+            self.net.compile(**compile_options(compile))
         self.val_dice = PerBodyDice()
         self.test_dice = PerBodyDice()
         self.panel_at: tuple[int, int] | None = None  # (validation batch, sample) of the panel slice on this rank
