@@ -72,6 +72,30 @@ class PerBodyDice(Metric):
         return ids, dice.reshape(len(ids), -1)
 
 
+class SampleMean(Metric):
+    """Mean of per-batch scalars (a batch's mean loss, say) weighted by their batch sizes, over an epoch.
+
+    ``update(value, n)`` takes a 0-d tensor and the batch's sample count; it only adds on the tensor's device, so a
+    training step that calls it never waits for the device (Lightning's ``self.log`` of a tensor every step moves
+    its result states and made three synchronising host-to-device copies a step on a GPU: benchmarks/README.md).
+    ``compute()`` is the weighted mean, summed across processes under DDP; NaN when nothing was added.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, n: int) -> None:
+        self.total += value.detach().double() * n
+        self.count += n
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+
 def summarise(per_body: dict[str, float]) -> dict:
     """``{"dice_mean", "dice_std", "per_body"}`` of a {body: dice} mapping (population std over bodies)."""
     values = np.array(list(per_body.values()), dtype=np.float64)

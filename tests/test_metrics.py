@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchmetrics.functional.segmentation import dice_score
 
-from landmark_unet.metrics import PerBodyDice, dice_volume, per_body_table
+from landmark_unet.metrics import PerBodyDice, SampleMean, dice_volume, per_body_table
 
 
 def tm_dice(pred: np.ndarray, true: np.ndarray) -> float:
@@ -65,3 +65,14 @@ def test_per_body_table_mean_and_std():
     assert table["liver"]["dice_mean"] == pytest.approx(0.9)
     assert table["liver"]["dice_std"] == pytest.approx(np.std([0.9, 0.8, 1.0]))
     assert table["liver"]["per_body"] == {"a": 0.9, "b": 0.8, "c": 1.0}
+
+
+def test_sample_mean_weights_each_batch_by_its_size():
+    mean = SampleMean()
+    mean.update(torch.tensor(2.0), 3)
+    mean.update(torch.tensor(5.0), 1)
+    assert mean.compute().item() == pytest.approx((3 * 2.0 + 5.0) / 4)
+    mean.reset()
+    assert not mean.update_called
+    mean.update(torch.tensor(1.5, requires_grad=True), 2)  # a loss with its graph: only its value is kept
+    assert mean.compute().item() == 1.5 and not mean.total.requires_grad

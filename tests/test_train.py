@@ -148,3 +148,36 @@ def test_bf16_mixed_precision_trains_on_the_cpu(tmp_path):
     metrics = train(cfg)
     assert metrics["precision"] == "bf16-mixed"
     assert 0 <= metrics["test"]["liver"]["dice_mean"] <= 1
+
+
+def test_training_loss_is_logged_once_an_epoch_as_the_sample_weighted_mean(monkeypatch):
+    """No logging in the training step (it made synchronising copies every step on a GPU): ``train/loss`` is logged
+    once an epoch, the mean of the steps' losses weighted by their batch sizes (batches of 3 and 1 here)."""
+    import pytorch_lightning as pl
+
+    from landmark_unet.lit.segmentation import SegmentationModule
+    from landmark_unet.models.unet2d import UNet2d
+
+    torch.manual_seed(0)
+    batches = [{"image": torch.randn(n, 2, 16, 16), "mask": (torch.rand(n, 1, 16, 16) > 0.5).float()}
+               for n in (3, 1, 3)]
+    module = SegmentationModule(UNet2d(2, 1, features=4, depth=2), ["liver"], torch.optim.SGD)
+    logged, losses = [], []
+    real_log = SegmentationModule.log
+    monkeypatch.setattr(SegmentationModule, "log",
+                        lambda self, name, value, *a, **k: (logged.append((name, float(value))),
+                                                            real_log(self, name, value, *a, **k)))
+
+    class Losses(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append((float(outputs["loss"]), len(batch["image"])))
+
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         callbacks=[Losses()])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    train_logs = [v for name, v in logged if name == "train/loss"]
+    assert len(train_logs) == 2 and len(losses) == 6
+    for epoch, value in enumerate(train_logs):
+        steps = losses[3 * epoch:3 * epoch + 3]
+        assert value == pytest.approx(sum(loss * n for loss, n in steps) / 7, rel=1e-6)

@@ -12,7 +12,7 @@ from landmark_unet.data.augment import AffineAugment
 from landmark_unet.errors import InputError
 from landmark_unet.heads import check_head, organ_masks, probabilities
 from landmark_unet.losses import BCELoss, deep_supervision_loss
-from landmark_unet.metrics import PerBodyDice
+from landmark_unet.metrics import PerBodyDice, SampleMean
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -117,6 +117,8 @@ class SegmentationModule(pl.LightningModule):
             self.net.compile(**compile_options(compile))
         self.val_dice = PerBodyDice()
         self.test_dice = PerBodyDice()
+        self.train_loss = SampleMean()  # logged once an epoch: no per-step logging
+        self.val_loss = SampleMean()
         self.panel_at: tuple[int, int] | None = None  # (validation batch, sample) of the panel slice on this rank
         self._panel: dict | None = None
         self.test_result: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -151,10 +153,13 @@ class SegmentationModule(pl.LightningModule):
     # -- steps --------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self(batch["image"], batch.get("distance")), batch["mask"])
-        # sync_dist: one all-reduce at the epoch's end under DDP, none per step
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch["image"]),
-                 sync_dist=True)
+        self.train_loss.update(loss, len(batch["image"]))  # on the device; logged at the epoch's end
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.train_loss.update_called:
+            self.log("train/loss", self.train_loss.compute().float(), prog_bar=True)  # summed across processes
+        self.train_loss.reset()
 
     def _evaluate_body(self, batch: dict, metric: PerBodyDice) -> None:
         """One whole body (batch of 1: image (1, Z, C, X, Y)) by Gaussian sliding windows, scored as Z slices."""
@@ -179,8 +184,7 @@ class SegmentationModule(pl.LightningModule):
         if self.sliding_window:
             return self._evaluate_body(batch, self.val_dice)  # no validation loss: there are no whole-body logits
         logits, prob = self._evaluate(batch, self.val_dice)
-        self.log("val/loss", self.loss(logits, batch["mask"]), on_epoch=True, batch_size=len(batch["image"]),
-                 sync_dist=True)
+        self.val_loss.update(self.loss(logits, batch["mask"]), len(batch["image"]))
         if self.panel_at is not None and batch_idx == self.panel_at[0]:
             i = self.panel_at[1]
             if i < len(batch["image"]):
@@ -193,6 +197,9 @@ class SegmentationModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         _, dice = self.val_dice.per_body()
         self.val_dice.reset()
+        if not self.sliding_window:  # whole-body validation has no loss (and every process must reduce alike)
+            self.log("val/loss", self.val_loss.compute().float())
+        self.val_loss.reset()
         means = dice.mean(dim=0)
         for organ, value in zip(self.organs, means):
             self.log(f"val/dice/{organ}", value.float())
