@@ -76,20 +76,22 @@ class SampleMean(Metric):
     """Mean of per-batch scalars (a batch's mean loss, say) weighted by their batch sizes, over an epoch.
 
     ``update(value, n)`` takes a 0-d tensor and the batch's sample count; it only adds on the tensor's device, so a
-    training step that calls it never waits for the device (Lightning's ``self.log`` of a tensor every step moves
-    its result states and made three synchronising host-to-device copies a step on a GPU: benchmarks/README.md).
-    ``compute()`` is the weighted mean, summed across processes under DDP; NaN when nothing was added.
+    training step that calls it never waits for the device. (Lightning's ``self.log`` of a tensor every step moves
+    its result states with ``move_data_to_device`` every step; on an H200 that function made about three
+    synchronising host-to-device copies a Lightning step, none in a plain loop: benchmarks/README.md.)
+    ``compute()`` is the weighted mean, summed across processes under DDP; NaN when nothing was added. float32
+    states (float64 is missing on some accelerators).
     """
 
     full_state_update = False
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(()), dist_reduce_fx="sum")
 
     def update(self, value: torch.Tensor, n: int) -> None:
-        self.total += value.detach().double() * n
+        self.total += value.detach().float() * n
         self.count += n
 
     def compute(self) -> torch.Tensor:

@@ -158,7 +158,7 @@ class SegmentationModule(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if self.train_loss.update_called:
-            self.log("train/loss", self.train_loss.compute().float(), prog_bar=True)  # summed across processes
+            self.log("train/loss", self.train_loss.compute(), prog_bar=True)  # reduced across processes
         self.train_loss.reset()
 
     def _evaluate_body(self, batch: dict, metric: PerBodyDice) -> None:
@@ -198,7 +198,7 @@ class SegmentationModule(pl.LightningModule):
         _, dice = self.val_dice.per_body()
         self.val_dice.reset()
         if not self.sliding_window:  # whole-body validation has no loss (and every process must reduce alike)
-            self.log("val/loss", self.val_loss.compute().float())
+            self.log("val/loss", self.val_loss.compute())
         self.val_loss.reset()
         means = dice.mean(dim=0)
         for organ, value in zip(self.organs, means):
