@@ -17,9 +17,9 @@ figures (loader, Lightning) are read. Variants, side by side and alternating ove
 
 Times are GPU-event times of ``steps`` steps in a row, with no host synchronisation between them (the throughput
 a training run gets); MFU is FLOPs per step (``torch.utils.flop_counter``) over that time over a large matmul's
-FLOP/s measured in this run. Profile (on a GPU unless ``--no-profile``): the eager (or compiled) step at the first batch size under
-``torch.profiler``, its GPU kernel time summed by kind (convolution, batch norm, element-wise, ...) and the share
-of the step the GPU was busy.
+FLOP/s measured in this run. Profile (on a GPU unless ``--no-profile``): the eager step (the compiled one when
+``compiled`` is among the variants) at the first batch size under ``torch.profiler``, its GPU kernel time summed by
+kind (convolution, batch norm, element-wise, ...) and the GPU's busy time per step.
 """
 
 from __future__ import annotations

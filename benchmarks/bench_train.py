@@ -185,7 +185,7 @@ def diagnose(module: SegmentationModule, dm, precision: str, steps: int, dev: to
 
     out: dict = {}
     for arm in ("lightning", "plain"):
-        def run_arm():
+        def run_arm(arm=arm):
             if arm == "lightning":
                 return lightning_arm(module, dm, precision, steps)[0]
             return plain_arm(module, dm, precision, steps, dev)
