@@ -12,7 +12,10 @@ Both arms take their natural input (ours the cache's (Z, C, X, Y) array, MONAI's
 network in eval mode under the same autocast and return sigmoid probabilities on the host. Ours runs twice: with
 BatchNorm folded into the convolutions (once per model; the fold's own time is ``fold_seconds_*``) and unfolded, the
 very same computation as MONAI's; ``seconds_per_volume_*`` and the ratio are those of the variant that
-``inference.inference_network`` picks on this device (folded on the CPU, unfolded on a GPU). The arms alternate (A B C, then C B A) for ``repeats`` rounds; ratio = MONAI's median
+``inference.inference_network`` picks on this device (folded on the CPU, unfolded on a GPU). A fourth arm runs the
+network compiled for inference (``predict.compile=true``: on the CPU folded and compiled with Inductor's freezing; on
+a GPU with CUDA graphs), compiled in its warm-up call (``first_call_seconds_*``); its figures carry ``_compiled``.
+The arms alternate (A B C D, then D C B A) for ``repeats`` rounds; ratio = MONAI's median
 seconds / ours (>= 1: ours is at least as fast). Outputs are compared on the first slices.
 FLOP utilisation: forward FLOPs counted by ``torch.utils.flop_counter`` over our time, over the peak of a large
 matmul in the same precision measured in this run.
@@ -104,16 +107,23 @@ def run(slices: int = 252, repeats: int = 2, precision: str = "bf16-mixed", batc
         sync(dev)
         out[f"fold_seconds_{name}"] = time.perf_counter() - t0
         mine = "ours_folded" if inference_network(model, dev) is not model else "ours_unfolded"
+        compiled = inference_network(model, dev, compile=True)  # predict.compile=true: compiles at its first batch
 
-        def arms(z: int, model=model, folded=folded, stack=stack) -> dict:
-            """The three arms over the first z slices."""
+        def arms(z: int, model=model, folded=folded, compiled=compiled, stack=stack) -> dict:
+            """The four arms over the first z slices."""
             return {"ours_folded": lambda: ours(folded, image[:z], stack, batch, dev, precision),
                     "monai": lambda: monai(model, volume[..., :z], stack, batch, dev, precision),
-                    "ours_unfolded": lambda: ours(model, image[:z], stack, batch, dev, precision)}
+                    "ours_unfolded": lambda: ours(model, image[:z], stack, batch, dev, precision),
+                    "ours_compiled": lambda: ours(compiled, image[:z], stack, batch, dev, precision)}
 
-        first = {k: f() for k, f in arms(min(slices, 2 * batch)).items()}  # warm-up, and outputs to compare
+        first = {}
+        for arm, f in arms(min(slices, 2 * batch)).items():  # warm-up (compilation), and outputs to compare
+            t0 = time.perf_counter()
+            first[arm] = f()
+            out[f"first_call_seconds_{name}_{arm}"] = time.perf_counter() - t0
         out[f"max_abs_diff_{name}"] = float(np.abs(first["ours_unfolded"] - first["monai"]).max())
         out[f"max_abs_diff_{name}_folded"] = float(np.abs(first["ours_folded"] - first["monai"]).max())
+        out[f"max_abs_diff_{name}_compiled"] = float(np.abs(first["ours_compiled"] - first["monai"]).max())
         times: dict[str, list[float]] = {k: [] for k in first}
         for r in range(repeats):
             for arm in (list(times) if r % 2 == 0 else list(times)[::-1]):
@@ -127,17 +137,22 @@ def run(slices: int = 252, repeats: int = 2, precision: str = "bf16-mixed", batc
         out[f"inference_network_{name}"] = mine
         out[f"seconds_per_volume_{name}"] = median(times[mine])
         out[f"seconds_per_volume_{name}_monai"] = median(times["monai"])
-        for arm in ("folded", "unfolded"):
+        for arm in ("folded", "unfolded", "compiled"):
             out[f"seconds_per_volume_{name}_{arm}"] = median(times[f"ours_{arm}"])
             out[f"inference_vs_monai_ratio_{name}_{arm}"] = median(times["monai"]) / median(times[f"ours_{arm}"])
         out[f"inference_vs_monai_ratio_{name}"] = median(times["monai"]) / median(times[mine])
         out[f"inference_gflop_{name}"] = flops / 1e9
     peak = max(peak, matmul_peak(PEAK_DTYPE[precision], dev))
     for name in ("2d", "depth5"):  # the best peak of the run's start and end
-        out[f"inference_mfu_{name}"] = out[f"inference_gflop_{name}"] * 1e9 / out[f"seconds_per_volume_{name}"] / peak
+        for suffix in ("", "_compiled"):
+            out[f"inference_mfu_{name}{suffix}"] = (out[f"inference_gflop_{name}"] * 1e9
+                                                    / out[f"seconds_per_volume_{name}{suffix}"] / peak)
     out["matmul_peak_tflops"] = peak / 1e12
     out["inference_vs_monai_ratio"] = min(out["inference_vs_monai_ratio_2d"], out["inference_vs_monai_ratio_depth5"])
     out["inference_mfu"] = min(out["inference_mfu_2d"], out["inference_mfu_depth5"])
+    out["inference_mfu_compiled"] = min(out["inference_mfu_2d_compiled"], out["inference_mfu_depth5_compiled"])
+    out["inference_vs_monai_ratio_compiled"] = min(out["inference_vs_monai_ratio_2d_compiled"],
+                                                   out["inference_vs_monai_ratio_depth5_compiled"])
     return out
 
 

@@ -45,11 +45,14 @@ from landmark_unet.scoring import score_masks, summary_table, write_summary
 
 
 def score_split(model: torch.nn.Module, datamodule, part: str, tolerance_mm: float, device: torch.device,
-                precision: str, progress: bool = True, postprocess: dict | None = None) -> list[dict]:
+                precision: str, progress: bool = True, postprocess: dict | None = None,
+                compile: bool = False) -> list[dict]:
     """Whole-volume inference of every body of ``part`` on its cached (canonical, possibly resampled) grid, scored
-    against the cached reference masks; with the run's ``postprocess`` choices applied."""
+    against the cached reference masks; with the run's ``postprocess`` choices applied; ``compile``: the network
+    compiled for inference (:func:`landmark_unet.inference.inference_network`)."""
     rows = []
-    for name, prob, labels, spacing in predict_cached(model, datamodule, part, device, precision, progress):
+    for name, prob, labels, spacing in predict_cached(model, datamodule, part, device, precision, progress,
+                                                      compile):
         masks = organ_masks(prob, model.head, model.threshold, dim=0)
         for k, organ in enumerate(datamodule.organs):
             pred = masks[k]
@@ -82,7 +85,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     })
     postprocess = run_postprocess(run_dir)
     rows = score_split(model, datamodule, "test", float(cfg.tolerance_mm), trainer.strategy.root_device,
-                       str(precision), bool(cfg.progress), postprocess)
+                       str(precision), bool(cfg.progress), postprocess, bool(cfg.compile))
     summary = write_summary(out, rows, {"checkpoint": str(ckpt), "split_file": str(split_file),
                                         "tolerance_mm": float(cfg.tolerance_mm), "grid": "cache",
                                         "postprocess": postprocess})

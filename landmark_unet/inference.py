@@ -61,12 +61,26 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return folded
 
 
-def inference_network(model: nn.Module, device: torch.device) -> nn.Module:
+def inference_network(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
     """``model`` as whole-volume inference runs it: in eval mode on ``device`` and, on the CPU, with its BatchNorm
     folded (:func:`fold_batchnorm`: 1.2x there). On a GPU the folded copy measured slower (0.92x on an H200,
-    ``benchmarks/bench_inference``), so it runs unfolded. Call once per model, not once per volume."""
+    ``benchmarks/bench_inference``), so it runs unfolded. Call once per model, not once per volume.
+
+    ``compile``: also ``torch.compile`` it. On the CPU with Inductor's freezing (the weights become constants, so
+    oneDNN fuses each convolution with its bias and ReLU; benchmarks/README.md); on a GPU with CUDA graphs
+    (``mode="reduce-overhead"``; not measured yet). The first batch of each slice size compiles (seconds to a
+    minute); :func:`predict_volume` fills a compiled network's last batch, so bodies of any depth share it."""
     model = model.eval().to(device)
-    return fold_batchnorm(model) if torch.device(device).type == "cpu" else model
+    cpu = torch.device(device).type == "cpu"
+    net = fold_batchnorm(model) if cpu else model
+    if compile:
+        net = torch.compile(net, options={"freezing": True}) if cpu else torch.compile(net, mode="reduce-overhead")
+    return net
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (it recompiles for every new input shape)."""
+    return hasattr(model, "_orig_mod")
 
 
 def _padded(n: int, multiple: int, at_least: int = 0) -> int:
@@ -119,9 +133,13 @@ def predict_volume(
         maps[:, :, :x, :y] = torch.as_tensor(np.asarray(distance, dtype=np.float32), device=device)
     flips = (TTA_STACK if stack > 1 else TTA_2D) if tta else ((),)
     half = stack // 2
+    fill = is_compiled(model)  # a compiled network gets full batches only: one shape, one compilation
     out = None
     for start in range(0, z, batch_size):
         ks = torch.arange(start, min(start + batch_size, z), device=device)
+        n = len(ks)
+        if fill and n < batch_size:
+            ks = torch.cat([ks, ks[-1:].expand(batch_size - n)])  # the last slice again; its outputs are dropped
         if stack == 1:
             batch = vol[ks]
             dist = None if maps is None else maps[ks if maps.shape[0] > 1 else torch.zeros_like(ks)]
@@ -139,12 +157,12 @@ def predict_volume(
             p = probabilities(logits, head)
             out_dims = tuple(d for d in dims if d == -1)  # the output is one slice: only the y flip to undo
             prob = prob + (p.flip(out_dims) if out_dims else p)
-        prob = (prob / len(flips))[:, :, :x, :y]  # (B, K, X, Y)
+        prob = (prob[:n] / len(flips))[:, :, :x, :y]  # (B, K, X, Y)
         if out is None:
             out = torch.empty((prob.shape[1], x, y, z), dtype=torch.float32, device="cpu")
-        out[..., start:start + len(ks)] = prob.permute(1, 2, 3, 0).cpu()
+        out[..., start:start + n] = prob.permute(1, 2, 3, 0).cpu()
         if progress is not None:
-            progress(len(ks))
+            progress(n)
     assert out is not None
     return out.numpy()
 
@@ -171,7 +189,7 @@ def _predict_volumetric(model: nn.Module, image: np.ndarray, distance: np.ndarra
 
 
 def predict_cached(model: nn.Module, datamodule, part: str, device: torch.device, precision: str = "32-true",
-                   progress: bool = False):
+                   progress: bool = False, compile: bool = False):
     """Whole-volume inference of every body of a DataModule's split ``part``, from its cache.
 
     Yields ``(name, prob, labels, spacing)``: probabilities (K, X, Y, Z) of the model's organs, the packed reference
@@ -180,7 +198,7 @@ def predict_cached(model: nn.Module, datamodule, part: str, device: torch.device
     """
     from tqdm import tqdm
 
-    model = inference_network(model, device)  # once, not once per body
+    model = inference_network(model, device, compile)  # once, not once per body
     for name in tqdm(datamodule.split[part], desc=part, unit="body", disable=not progress, leave=False):
         entry = datamodule.entries[name]
         image = np.asarray(entry.image_volume()[:, datamodule.channel_index])

@@ -84,7 +84,8 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Path | list[Path], accelerator: str = "auto", precision: str = "auto",
-                        threshold: float | None = None, batch_size: int = 16, tta: bool = False) -> Predictor:
+                        threshold: float | None = None, batch_size: int = 16, tta: bool = False,
+                        compile: bool = False) -> Predictor:
         """The model of a checkpoint, or the ensemble of a list of checkpoints (the 5 rounds' models, say), each
         built from the run config beside it. The threshold and post-processing are the first run's.
 
@@ -100,7 +101,7 @@ class Predictor:
             run_cfg, run_dir = load_run_config(path)
             model = instantiate(run_cfg.model)
             load_weights(model, path, signature(run_cfg))
-            models.append(inference_network(model, device))
+            models.append(inference_network(model, device, compile))
             data = OmegaConf.to_container(run_cfg.data, resolve=True)
             if first is None:
                 first = (run_cfg, run_dir, data)
@@ -221,7 +222,8 @@ def predict(cfg: DictConfig) -> list[Path]:
         if not cfg.get(key):
             raise InputError(key, f"required: {key}=PATH")
     predictor = Predictor.from_checkpoint(checkpoints(cfg.ckpt), cfg.accelerator, cfg.precision,
-                                          cfg.get("threshold"), batch_size=int(cfg.batch_size), tta=bool(cfg.tta))
+                                          cfg.get("threshold"), batch_size=int(cfg.batch_size), tta=bool(cfg.tta),
+                                          compile=bool(cfg.compile))
     channel_names = list(cfg.get("channel_names") or predictor.run.get("channel_names") or predictor.channels)
     cases = input_cases(cfg.input, channel_names, predictor.run.get("image_file", "ct.nii.gz"))
     if cfg.get("landmarks_file"):

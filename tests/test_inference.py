@@ -65,3 +65,29 @@ def test_volumetric_tta_never_flips_left_right():
     np.testing.assert_allclose(plain[0], 1 / (1 + np.exp(-(image[:, 0].transpose(1, 2, 0) + np.linspace(
         -3, 3, 8)[:, None, None]))), atol=1e-5)
     np.testing.assert_allclose(predict_volume(RampVolume(), image, stack=0, tta=True), plain, atol=1e-5)
+
+
+def test_compiled_inference_network_predicts_as_the_plain_one_with_one_compilation():
+    """predict.compile / evaluate.compile: the network compiled for inference (on the CPU with Inductor's freezing)
+    gives the plain network's probabilities; a body whose depth is not a multiple of the batch gets its last batch
+    filled, so the network compiles once for every depth (two bodies of 7 and 5 slices, batches of 4)."""
+    from torch._dynamo.utils import counters
+
+    from landmark_unet.inference import inference_network, predict_volume
+    from landmark_unet.lit.segmentation import SegmentationModule
+    from landmark_unet.models.unet2d import UNet2d
+
+    torch.manual_seed(0)
+    module = SegmentationModule(UNet2d(2, 1, features=4, depth=2), ["liver"], torch.optim.Adam, channels_last=True)
+    plain = inference_network(module, torch.device("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = inference_network(module, torch.device("cpu"), compile=True)
+    rng = np.random.default_rng(0)
+    for depth in (7, 5):
+        image = rng.normal(size=(depth, 2, 12, 12)).astype(np.float32)
+        expected = predict_volume(plain, image, batch_size=4, pad_multiple=4)
+        got = predict_volume(compiled, image, batch_size=4, pad_multiple=4)
+        assert got.shape == expected.shape == (1, 12, 12, depth)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
