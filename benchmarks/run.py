@@ -24,6 +24,7 @@ BENCHMARKS = {
     "train": "from benchmarks.bench_train import run; r = run()",
     "inference": "from benchmarks.bench_inference import run; r = run()",
     "precision": "from benchmarks.bench_precision import run; r = run()",
+    "host_overhead": "from benchmarks.bench_overhead import run; r = run()",
 }
 # the figures the performance targets are stated in (benchmarks/README.md), copied to the top level
 HEADLINE = ("lightning_vs_plain_ratio", "mfu_fp32", "mfu_bf16", "bf16_speedup", "bf16_dice_difference",
