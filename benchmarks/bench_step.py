@@ -33,7 +33,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, median, sync
+from benchmarks.bench_train import Marks, rmsprop, step_flops, study_module
+from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, median
 from landmark_unet.models.unet2d import UNet2d
 
 
@@ -45,7 +46,7 @@ def study_step(batch: int, precision: str, dev: torch.device, graph: bool = Fals
     net = UNet2d(2, 1).to(dev).to(memory_format=torch.channels_last).train()
     if compile:
         net.compile()
-    opt = torch.optim.RMSprop(net.parameters(), lr=1e-5, weight_decay=1e-8, momentum=0.9, capturable=graph)
+    opt = rmsprop()(net.parameters(), capturable=graph)
     x = torch.randn(batch, 2, 256, 256, device=dev).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, 1, 256, 256, device=dev) > 0.5).float()
     dtype = PEAK_DTYPE[precision]
@@ -82,29 +83,11 @@ def time_steps(step, steps: int, dev: torch.device) -> float:
     """Seconds per step of ``steps`` steps in a row after two warm-up steps (GPU events; wall time on a CPU)."""
     for _ in range(2):
         step()
-    sync(dev)
-    if dev.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / steps
-    t0 = time.perf_counter()
+    marks = Marks(dev)
+    start = marks.mark()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - t0) / steps
-
-
-def step_flops(batch: int, dev: torch.device) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    net = UNet2d(2, 1).to(dev).to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 2, 256, 256, device=dev).contiguous(memory_format=torch.channels_last)
-    with FlopCounterMode(display=False) as counter:
-        net(x).float().sum().backward()
-    return counter.get_total_flops()
+    return marks.seconds(start, marks.mark()) / steps
 
 
 KINDS = (  # kernel-name fragments (lower case) -> kind; the first match wins
@@ -163,7 +146,7 @@ def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str =
     variants = list(variants or (("eager", "eager_cudnn_benchmark", "graph") if dev.type == "cuda" else ("eager",)))
     out: dict = {"device": device_name(), "precision": precision, "steps": steps, "rounds": rounds}
     for b in batches:
-        flops = step_flops(b, dev)
+        flops = step_flops(study_module(), dev, channels=2, batch=b)
         times = collections.defaultdict(list)
         for r in range(rounds):
             for v in (variants if r % 2 == 0 else variants[::-1]):

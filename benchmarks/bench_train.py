@@ -212,11 +212,11 @@ def diagnose(module: SegmentationModule, dm, precision: str, steps: int, dev: to
     return out
 
 
-def step_flops(module: SegmentationModule, dev: torch.device, channels: int) -> int:
-    """FLOPs of one training step's forward + backward at batch 10 x channels x 256 x 256 (the optimiser's few
+def step_flops(module: SegmentationModule, dev: torch.device, channels: int, batch: int = BATCH) -> int:
+    """FLOPs of one training step's forward + backward at batch x channels x 256 x 256 (the optimiser's few
     element-wise FLOPs are not counted)."""
     net = module.net.to(dev)
-    x = torch.randn(BATCH, channels, 256, 256, device=dev).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, channels, 256, 256, device=dev).contiguous(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as counter:
         net(x).float().sum().backward()
     net.zero_grad(set_to_none=True)
