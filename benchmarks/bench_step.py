@@ -13,7 +13,10 @@ figures (loader, Lightning) are read. Variants, side by side and alternating ove
 - ``graph``: forward, backward and optimiser step captured once as a CUDA graph and replayed (GPU only; what
   launch overhead and per-kernel gaps cost the eager step);
 - ``compiled``, ``compiled_graph``: the network compiled by ``torch.compile`` (``model.compile=true``; its
-  fusions of batch norm, ReLU, pooling and concatenation), eager and captured (named with ``--variants``).
+  fusions of batch norm, ReLU, pooling and concatenation), eager and captured (named with ``--variants``);
+- ``eager_release_memory``: eager with glibc's default of giving large freed blocks back to the system
+  (``reuse_host_memory=false``); every other variant runs as the entry points do, with freed memory kept for
+  reuse (:mod:`landmark_unet.host_memory`). Reported with the page faults and system time per step.
 
 Times are GPU-event times of ``steps`` steps in a row, with no host synchronisation between them (the throughput
 a training run gets); MFU is FLOPs per step (``torch.utils.flop_counter``) over that time over a large matmul's
@@ -28,6 +31,7 @@ import argparse
 import collections
 import functools
 import json
+import resource
 import time
 
 import torch
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench_train import Marks, rmsprop, step_flops, study_module
 from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, median
+from landmark_unet import host_memory
 from landmark_unet.models.unet2d import UNet2d
 
 
@@ -79,15 +84,19 @@ def study_step(batch: int, precision: str, dev: torch.device, graph: bool = Fals
     return g.replay
 
 
-def time_steps(step, steps: int, dev: torch.device) -> float:
-    """Seconds per step of ``steps`` steps in a row after two warm-up steps (GPU events; wall time on a CPU)."""
+def time_steps(step, steps: int, dev: torch.device) -> tuple[float, float, float]:
+    """Seconds per step of ``steps`` steps in a row after two warm-up steps (GPU events; wall time on a CPU), and
+    the process's page faults and system-time seconds per step over them."""
     for _ in range(2):
         step()
     marks = Marks(dev)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = marks.mark()
     for _ in range(steps):
         step()
-    return marks.seconds(start, marks.mark()) / steps
+    seconds = marks.seconds(start, marks.mark()) / steps
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return seconds, (after.ru_minflt - before.ru_minflt) / steps, (after.ru_stime - before.ru_stime) / steps
 
 
 KINDS = (  # kernel-name fragments (lower case) -> kind; the first match wins
@@ -136,7 +145,7 @@ def profile(step, steps: int = 5) -> dict:
             "profile_top_kernels": dict(top)}
 
 
-VARIANTS = ("eager", "eager_cudnn_benchmark", "graph", "compiled", "compiled_graph")
+VARIANTS = ("eager", "eager_cudnn_benchmark", "graph", "compiled", "compiled_graph", "eager_release_memory")
 
 
 def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str = "bf16-mixed",
@@ -147,26 +156,34 @@ def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str =
     out: dict = {"device": device_name(), "precision": precision, "steps": steps, "rounds": rounds}
     for b in batches:
         flops = step_flops(study_module(), dev, channels=2, batch=b)
-        times = collections.defaultdict(list)
+        times, faults, system = collections.defaultdict(list), collections.defaultdict(list), collections.defaultdict(list)
         for r in range(rounds):
             for v in (variants if r % 2 == 0 else variants[::-1]):
                 torch.backends.cudnn.benchmark = v == "eager_cudnn_benchmark"
+                host_memory.reuse_freed_memory(v != "eager_release_memory")
                 try:
                     t0 = time.perf_counter()
                     step = study_step(b, precision, dev, graph=v.endswith("graph"), compile=v.startswith("compiled"))
                     step()  # compiles a compiled variant
                     out.setdefault(f"first_step_seconds_{v}_b{b}", time.perf_counter() - t0)
-                    times[v].append(time_steps(step, steps, dev))
+                    seconds, step_faults, step_system = time_steps(step, steps, dev)
+                    times[v].append(seconds)
+                    faults[v].append(step_faults)
+                    system[v].append(step_system)
                 except Exception as e:  # noqa: BLE001 - one variant failing must not lose the others' figures
                     out[f"error_{v}_b{b}"] = f"{type(e).__name__}: {e}"[:300]
                     print(f"{v} batch {b}: failed: {out[f'error_{v}_b{b}']}", flush=True)
                     break
                 torch.backends.cudnn.benchmark = False
-                print(f"step batch {b} {v}: {times[v][-1] * 1e3:.2f} ms", flush=True)
+                print(f"step batch {b} {v}: {times[v][-1] * 1e3:.2f} ms, {faults[v][-1]:.0f} page faults, "
+                      f"{system[v][-1]:.2f} s system time", flush=True)
         torch.backends.cudnn.benchmark = False
+        host_memory.reuse_freed_memory(True)
         out[f"step_gflop_b{b}"] = flops / 1e9
         for v, ts in times.items():
             out[f"step_seconds_{v}_b{b}"] = median(ts)
+            out[f"page_faults_per_step_{v}_b{b}"] = median(faults[v])
+            out[f"system_seconds_per_step_{v}_b{b}"] = median(system[v])
     peak = max(peak, matmul_peak(PEAK_DTYPE[precision], dev))  # best of start and end
     out["matmul_peak_tflops"] = peak / 1e12
     for b in batches:

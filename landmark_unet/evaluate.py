@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from landmark_unet import host_memory
 from landmark_unet.checkpoint import load_run_config, load_weights, signature
 from landmark_unet.config import quiet_third_party, resolve_precision, saved_overrides
 from landmark_unet.data import geometry
@@ -135,6 +136,7 @@ def evaluate_folder(cfg: DictConfig) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    host_memory.apply_config(cfg)
     if cfg.get("predictions") or cfg.get("references"):
         for key in ("predictions", "references"):
             if not cfg.get(key):

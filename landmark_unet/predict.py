@@ -34,6 +34,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
+from landmark_unet import host_memory
 from landmark_unet.checkpoint import load_run_config, load_weights, signature
 from landmark_unet.config import quiet_third_party, resolve_precision
 from landmark_unet.data import geometry
@@ -218,6 +219,7 @@ def checkpoints(value) -> list[Path]:
 
 def predict(cfg: DictConfig) -> list[Path]:
     """Predict every case of ``cfg.input`` into ``cfg.output``; returns the files written."""
+    host_memory.apply_config(cfg)
     for key in ("ckpt", "input", "output"):
         if not cfg.get(key):
             raise InputError(key, f"required: {key}=PATH")

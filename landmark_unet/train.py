@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from landmark_unet import host_memory
 from landmark_unet.checkpoint import SignatureCallback, check_checkpoint, read_checkpoint, signature
 from landmark_unet.config import quiet_third_party, resolve_precision, validate
 from landmark_unet.launch import check_ddp_launch, in_multirun, job_guard, pin_local_job_gpu
@@ -36,6 +37,7 @@ def train(cfg: DictConfig) -> dict:
     """Run one experiment from a composed config and return its metrics (also written to metrics.json by rank 0)."""
     t0 = time.perf_counter()
     validate(cfg)
+    host_memory.apply_config(cfg)  # before the loader workers fork: they inherit it
     check_ddp_launch(cfg)
     pin_local_job_gpu(cfg)
     out = Path(cfg.paths.output_dir)

@@ -263,6 +263,10 @@ CASES = [
          ("landmarks.encoding", "cosine")),
     Case("config-unknown-compile-mode", "train", nothing, (*FOLDER, "model.compile=fast"),
          ("model.compile", "fast", "reduce-overhead")),
+    Case("config-reuse-host-memory-not-a-bool", "train", nothing, (*FOLDER, "reuse_host_memory=sometimes"),
+         ("reuse_host_memory", "sometimes", "true or false")),
+    Case("config-reuse-host-memory-not-a-bool-predict", "predict", nothing,
+         ("ckpt={ckpt}", "input={subject}", "reuse_host_memory=2"), ("reuse_host_memory", "2", "true or false")),
     # checkpoints
     Case("checkpoint-truncated", "evaluate", truncate(ckpt), ("ckpt={ckpt}",), ("last.ckpt", "cannot read")),
     Case("checkpoint-not-a-checkpoint", "predict", lambda w: w.ckpt.write_bytes(np.random.default_rng(0).bytes(4096)),
