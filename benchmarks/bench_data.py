@@ -114,8 +114,10 @@ def device_gather(dm, dev, batch_size: int = 10) -> dict:
 
 
 def run(subjects: int = 50, workers: int = 2, model_steps: int = 3) -> dict:
-
     from benchmarks.common import cache_dir, device, full_size_datamodule
+    from landmark_unet import host_memory
+
+    host_memory.reuse_freed_memory(True)  # as the entry points run (reuse_host_memory=true)
 
     def datamodule():
         return full_size_datamodule(subjects=subjects, workers=workers)

@@ -14,8 +14,10 @@ BatchNorm folded into the convolutions (once per model; the fold's own time is `
 very same computation as MONAI's; ``seconds_per_volume_*`` and the ratio are those of the variant that
 ``inference.inference_network`` picks on this device (folded on the CPU, unfolded on a GPU). A fourth arm runs the
 network compiled for inference (``predict.compile=true``: on the CPU folded and compiled with Inductor's freezing; on
-a GPU with CUDA graphs), compiled in its warm-up call (``first_call_seconds_*``); its figures carry ``_compiled``.
-The arms alternate (A B C D, then D C B A) for ``repeats`` rounds; ratio = MONAI's median
+a GPU with CUDA graphs), compiled in its warm-up call (``first_call_seconds_*``); its figures carry ``_compiled``. Every arm runs with freed
+memory kept for reuse, as predict and evaluate do (``reuse_host_memory=true``, :mod:`landmark_unet.host_memory`);
+a fifth arm, ``_folded_release_memory``, runs the folded network with glibc's default instead.
+The arms alternate (A B C D E, then E D C B A) for ``repeats`` rounds; ratio = MONAI's median
 seconds / ours (>= 1: ours is at least as fast). Outputs are compared on the first slices.
 FLOP utilisation: forward FLOPs counted by ``torch.utils.flop_counter`` over our time, over the peak of a large
 matmul in the same precision measured in this run.
@@ -32,6 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, median, sync
+from landmark_unet import host_memory
 from landmark_unet.inference import autocast, fold_batchnorm, inference_network, predict_volume
 from landmark_unet.lit.segmentation import SegmentationModule
 from landmark_unet.models.unet2d import UNet2d
@@ -91,7 +94,18 @@ def forward_flops(model, stack: int, dev: torch.device, slices: int) -> int:
     return counter.get_total_flops() * slices
 
 
+def released(f):
+    """``f`` run with glibc's default of giving large freed blocks back to the system (``reuse_host_memory=false``);
+    every other arm runs as the entry points do, with freed memory kept for reuse."""
+    host_memory.reuse_freed_memory(False)
+    try:
+        return f()
+    finally:
+        host_memory.reuse_freed_memory(True)
+
+
 def run(slices: int = 252, repeats: int = 2, precision: str = "bf16-mixed", batch: int = 16) -> dict:
+    host_memory.reuse_freed_memory(True)  # as predict and evaluate run (reuse_host_memory=true)
     dev = device()
     peak = matmul_peak(PEAK_DTYPE[precision], dev)
     rng = np.random.default_rng(0)
@@ -110,11 +124,13 @@ def run(slices: int = 252, repeats: int = 2, precision: str = "bf16-mixed", batc
         compiled = inference_network(model, dev, compile=True)  # predict.compile=true: compiles at its first batch
 
         def arms(z: int, model=model, folded=folded, compiled=compiled, stack=stack) -> dict:
-            """The four arms over the first z slices."""
+            """The five arms over the first z slices."""
             return {"ours_folded": lambda: ours(folded, image[:z], stack, batch, dev, precision),
                     "monai": lambda: monai(model, volume[..., :z], stack, batch, dev, precision),
                     "ours_unfolded": lambda: ours(model, image[:z], stack, batch, dev, precision),
-                    "ours_compiled": lambda: ours(compiled, image[:z], stack, batch, dev, precision)}
+                    "ours_compiled": lambda: ours(compiled, image[:z], stack, batch, dev, precision),
+                    "ours_folded_release_memory": lambda: released(
+                        lambda: ours(folded, image[:z], stack, batch, dev, precision))}
 
         first = {}
         for arm, f in arms(min(slices, 2 * batch)).items():  # warm-up (compilation), and outputs to compare
@@ -137,7 +153,7 @@ def run(slices: int = 252, repeats: int = 2, precision: str = "bf16-mixed", batc
         out[f"inference_network_{name}"] = mine
         out[f"seconds_per_volume_{name}"] = median(times[mine])
         out[f"seconds_per_volume_{name}_monai"] = median(times["monai"])
-        for arm in ("folded", "unfolded", "compiled"):
+        for arm in ("folded", "unfolded", "compiled", "folded_release_memory"):
             out[f"seconds_per_volume_{name}_{arm}"] = median(times[f"ours_{arm}"])
             out[f"inference_vs_monai_ratio_{name}_{arm}"] = median(times["monai"]) / median(times[f"ours_{arm}"])
         out[f"inference_vs_monai_ratio_{name}"] = median(times["monai"]) / median(times[mine])

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from landmark_unet import host_memory
 from landmark_unet.lit.segmentation import SegmentationModule
 from landmark_unet.models.multitask import UNet2dMultiTask
 from landmark_unet.models.unet2d import UNet2d
@@ -75,6 +76,7 @@ def run(steps: int = 2, models: tuple[str, ...] = tuple(CONFIGS), layouts: tuple
     """Per model: step seconds in fp32 and bf16-mixed, channels-last (the configs' default) and, for the record of
     what channels-last did, contiguous, one after the other in this process; and the peak memory after its steps
     (:func:`peak_memory_gib`)."""
+    host_memory.reuse_freed_memory(True)  # as the entry points run (reuse_host_memory=true)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
                  "threads": torch.get_num_threads()}

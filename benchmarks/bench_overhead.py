@@ -20,6 +20,7 @@ from torch import nn
 
 from benchmarks.bench_train import lightning_arm, plain_arm, rmsprop
 from benchmarks.common import device, device_name, full_size_datamodule, median
+from landmark_unet import host_memory
 from landmark_unet.config import quiet_third_party
 from landmark_unet.lit.segmentation import SegmentationModule
 
@@ -37,6 +38,7 @@ class OneConv(nn.Module):
 
 def run(steps: int = 400, rounds: int = 3, subjects: int = 6, precision: str = "bf16-mixed") -> dict:
     quiet_third_party()
+    host_memory.reuse_freed_memory(True)  # as the entry points run (reuse_host_memory=true)
     dev = device()
     dm = full_size_datamodule(subjects=subjects, workers=2, on_device=True, batch_size=1)
     dm.prepare_data()

@@ -14,6 +14,8 @@ figures (loader, Lightning) are read. Variants, side by side and alternating ove
   launch overhead and per-kernel gaps cost the eager step);
 - ``compiled``, ``compiled_graph``: the network compiled by ``torch.compile`` (``model.compile=true``; its
   fusions of batch norm, ReLU, pooling and concatenation), eager and captured (named with ``--variants``);
+- ``eager_transposed_conv``: eager with the up-convolutions run by ``nn.ConvTranspose2d``'s kernel on the CPU too,
+  instead of as a 1x1 convolution and a copy (:class:`~landmark_unet.models.blocks.UpConv2x2`);
 - ``eager_release_memory``: eager with glibc's default of giving large freed blocks back to the system
   (``reuse_host_memory=false``); every other variant runs as the entry points do, with freed memory kept for
   reuse (:mod:`landmark_unet.host_memory`). Reported with the page faults and system time per step.
@@ -40,15 +42,21 @@ import torch.nn.functional as F
 from benchmarks.bench_train import Marks, rmsprop, step_flops, study_module
 from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, median
 from landmark_unet import host_memory
+from landmark_unet.models.blocks import UpConv2x2
 from landmark_unet.models.unet2d import UNet2d
 
 
-def study_step(batch: int, precision: str, dev: torch.device, graph: bool = False, compile: bool = False):
+def study_step(batch: int, precision: str, dev: torch.device, graph: bool = False, compile: bool = False,
+               transposed_conv: bool = False):
     """A zero-argument function running one training step of a fresh study network on a fixed random batch
     (B, 2, 256, 256); with ``graph`` the step is captured as a CUDA graph and the function replays it; with
-    ``compile`` the network is compiled by ``torch.compile`` (default mode) first."""
+    ``compile`` the network is compiled by ``torch.compile`` (default mode) first; with ``transposed_conv`` its
+    up-convolutions run ``nn.ConvTranspose2d``'s kernel on the CPU too (:class:`UpConv2x2`)."""
     torch.manual_seed(0)
     net = UNet2d(2, 1).to(dev).to(memory_format=torch.channels_last).train()
+    for m in net.modules():
+        if isinstance(m, UpConv2x2):
+            m.as_matrix_product = not transposed_conv
     if compile:
         net.compile()
     opt = rmsprop()(net.parameters(), capturable=graph)
@@ -145,7 +153,8 @@ def profile(step, steps: int = 5) -> dict:
             "profile_top_kernels": dict(top)}
 
 
-VARIANTS = ("eager", "eager_cudnn_benchmark", "graph", "compiled", "compiled_graph", "eager_release_memory")
+VARIANTS = ("eager", "eager_cudnn_benchmark", "graph", "compiled", "compiled_graph", "eager_release_memory",
+            "eager_transposed_conv")
 
 
 def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str = "bf16-mixed",
@@ -163,7 +172,8 @@ def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str =
                 host_memory.reuse_freed_memory(v != "eager_release_memory")
                 try:
                     t0 = time.perf_counter()
-                    step = study_step(b, precision, dev, graph=v.endswith("graph"), compile=v.startswith("compiled"))
+                    step = study_step(b, precision, dev, graph=v.endswith("graph"), compile=v.startswith("compiled"),
+                                      transposed_conv=v == "eager_transposed_conv")
                     step()  # compiles a compiled variant
                     out.setdefault(f"first_step_seconds_{v}_b{b}", time.perf_counter() - t0)
                     seconds, step_faults, step_system = time_steps(step, steps, dev)

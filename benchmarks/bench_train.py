@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import PEAK_DTYPE, device, device_name, full_size_datamodule, matmul_peak, median
+from landmark_unet import host_memory
 from landmark_unet.config import quiet_third_party
 from landmark_unet.inference import autocast
 from landmark_unet.lit.segmentation import COMPILE_MODES, SegmentationModule
@@ -227,6 +228,7 @@ def run(steps: int = 3, rounds: int = 2, compile: bool | str = True, multitask: 
         workers: int = 2, compile_precisions: list[str] | None = None, on_device: bool = False,
         precisions: list[str] | None = None, diagnose_host: bool = False) -> dict:
     quiet_third_party()
+    host_memory.reuse_freed_memory(True)  # as the entry points run (reuse_host_memory=true)
     dev = device()
     precisions = precisions or ["32-true", "bf16-mixed"] + (["16-mixed"] if dev.type == "cuda" else [])
     peaks = {p: matmul_peak(PEAK_DTYPE[p], dev) for p in precisions}

@@ -25,7 +25,7 @@ from landmark_unet.errors import InputError
 # mallopt(3) parameters and glibc's defaults
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-_NEVER_TRIM = 2**31 - 1  # the largest int mallopt takes: bytes free at the heap's top before it gives them back
+_NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
 
 @functools.cache

@@ -187,3 +187,29 @@ def test_compiled_network_keeps_its_parameter_names_and_outputs():
     assert list(compiled.state_dict()) == list(plain.state_dict())
     x = torch.randn(2, 2, 16, 16)
     assert torch.allclose(compiled(x), plain(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_up_convolution_is_the_transposed_convolution_as_a_matrix_product(channels_last):
+    """UpConv2x2 on the CPU (1x1 convolution + one copy) gives nn.ConvTranspose2d's output and gradients with the
+    same parameters, and keeps the activations channels-last."""
+    from landmark_unet.models.blocks import UpConv2x2
+
+    torch.manual_seed(0)
+    up = UpConv2x2(6, 3)
+    reference = torch.nn.ConvTranspose2d(6, 3, kernel_size=2, stride=2)
+    reference.load_state_dict(up.state_dict())  # the same keys and shapes: checkpoints are interchangeable
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=fmt)
+    outputs, grads = [], []
+    for m in (up, reference):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()  # a gradient that differs by pixel
+        outputs.append(y)
+        grads.append([xi.grad, m.weight.grad, m.bias.grad])
+    assert outputs[0].shape == (2, 3, 10, 14)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert outputs[0].is_contiguous(memory_format=torch.channels_last)
