@@ -14,8 +14,9 @@ figures (loader, Lightning) are read. Variants, side by side and alternating ove
   launch overhead and per-kernel gaps cost the eager step);
 - ``compiled``, ``compiled_graph``: the network compiled by ``torch.compile`` (``model.compile=true``; its
   fusions of batch norm, ReLU, pooling and concatenation), eager and captured (named with ``--variants``);
-- ``eager_transposed_conv``: eager with the up-convolutions run by ``nn.ConvTranspose2d``'s kernel on the CPU too,
-  instead of as a 1x1 convolution and a copy (:class:`~landmark_unet.models.blocks.UpConv2x2`);
+- ``eager_transposed_conv``, ``eager_upconv_matrix_product``: eager with the up-convolutions run by
+  ``nn.ConvTranspose2d``'s kernel, or as a 1x1 convolution and a copy, on every device (by default the latter on a
+  CPU only: :class:`~landmark_unet.models.blocks.UpConv2x2`);
 - ``eager_release_memory``: eager with glibc's default of giving large freed blocks back to the system
   (``reuse_host_memory=false``); every other variant runs as the entry points do, with freed memory kept for
   reuse (:mod:`landmark_unet.host_memory`). Reported with the page faults and system time per step.
@@ -47,16 +48,16 @@ from landmark_unet.models.unet2d import UNet2d
 
 
 def study_step(batch: int, precision: str, dev: torch.device, graph: bool = False, compile: bool = False,
-               transposed_conv: bool = False):
+               upconv_as_matrix_product: bool | None = None):
     """A zero-argument function running one training step of a fresh study network on a fixed random batch
     (B, 2, 256, 256); with ``graph`` the step is captured as a CUDA graph and the function replays it; with
-    ``compile`` the network is compiled by ``torch.compile`` (default mode) first; with ``transposed_conv`` its
-    up-convolutions run ``nn.ConvTranspose2d``'s kernel on the CPU too (:class:`UpConv2x2`)."""
+    ``compile`` the network is compiled by ``torch.compile`` (default mode) first; ``upconv_as_matrix_product``:
+    how its up-convolutions run (:class:`UpConv2x2`; None: as in training, a matrix product on the CPU only)."""
     torch.manual_seed(0)
     net = UNet2d(2, 1).to(dev).to(memory_format=torch.channels_last).train()
     for m in net.modules():
         if isinstance(m, UpConv2x2):
-            m.as_matrix_product = not transposed_conv
+            m.as_matrix_product = upconv_as_matrix_product
     if compile:
         net.compile()
     opt = rmsprop()(net.parameters(), capturable=graph)
@@ -154,7 +155,7 @@ def profile(step, steps: int = 5) -> dict:
 
 
 VARIANTS = ("eager", "eager_cudnn_benchmark", "graph", "compiled", "compiled_graph", "eager_release_memory",
-            "eager_transposed_conv")
+            "eager_transposed_conv", "eager_upconv_matrix_product")
 
 
 def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str = "bf16-mixed",
@@ -173,7 +174,8 @@ def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str =
                 try:
                     t0 = time.perf_counter()
                     step = study_step(b, precision, dev, graph=v.endswith("graph"), compile=v.startswith("compiled"),
-                                      transposed_conv=v == "eager_transposed_conv")
+                                      upconv_as_matrix_product={"eager_transposed_conv": False,
+                                                                "eager_upconv_matrix_product": True}.get(v))
                     step()  # compiles a compiled variant
                     out.setdefault(f"first_step_seconds_{v}_b{b}", time.perf_counter() - t0)
                     seconds, step_faults, step_system = time_steps(step, steps, dev)

@@ -37,6 +37,7 @@ bench() {  # bench NAME LOG SECONDS ARGS...: one benchmark module under a time l
 # order (default: all of them):
 #   step             the training step alone on batches in the GPU's memory (MFU by batch size, CUDA graph, profile)
 #   step_compile     the same at batch 10 with torch.compile, eager and captured (profile of the compiled step)
+#   step_upconv      batch 10: cuDNN's transposed convolution vs the up-convolution as a 1x1 convolution and a copy
 #   train_diagnose   bench_train --diagnose, bf16, data.on_device: synchronising calls and cProfile of both arms
 #   train_compiled   bench_train with data.on_device, bf16 only, with the compiled network's Lightning arm
 #   train_reduce_overhead  the same in 3 rounds, compiled with mode reduce-overhead (CUDA graphs)
@@ -50,6 +51,8 @@ for item in $PLAN; do
     step) bench bench_step step 90 --batches 10,20,40 --steps 30 --rounds 2 ;;
     step_compile) bench bench_step step_compile 160 --batches 10 --steps 30 --rounds 2 \
         --variants eager,graph,compiled,compiled_graph ;;
+    step_upconv) bench bench_step step_upconv 60 --batches 10 --steps 30 --rounds 3 --no-profile \
+        --variants eager,eager_upconv_matrix_product ;;
     train_diagnose) bench bench_train train_diagnose 110 --subjects "$SUBJECTS" --workers "$WORKERS" --steps 40 \
         --on-device --precisions bf16-mixed --diagnose ;;
     train_compiled) bench bench_train train_compiled 150 --subjects "$SUBJECTS" --workers "$WORKERS" \
