@@ -17,6 +17,8 @@ figures (loader, Lightning) are read. Variants, side by side and alternating ove
 - ``eager_transposed_conv``, ``eager_upconv_matrix_product``: eager with the up-convolutions run by
   ``nn.ConvTranspose2d``'s kernel, or as a 1x1 convolution and a copy, on every device (by default the latter on a
   CPU only: :class:`~landmark_unet.models.blocks.UpConv2x2`);
+- ``eager_relu_in_place``: eager with every ReLU in place on a CPU in bf16 too (by default there it writes a new
+  tensor: :class:`~landmark_unet.models.blocks.ReLU`);
 - ``eager_release_memory``: eager with glibc's default of giving large freed blocks back to the system
   (``reuse_host_memory=false``); every other variant runs as the entry points do, with freed memory kept for
   reuse (:mod:`landmark_unet.host_memory`). Reported with the page faults and system time per step.
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from benchmarks.bench_train import Marks, rmsprop, step_flops, study_module
 from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, median
 from landmark_unet import host_memory
-from landmark_unet.models.blocks import UpConv2x2
+from landmark_unet.models.blocks import ReLU, UpConv2x2
 from landmark_unet.models.unet2d import UNet2d
 
 
@@ -155,7 +157,7 @@ def profile(step, steps: int = 5) -> dict:
 
 
 VARIANTS = ("eager", "eager_cudnn_benchmark", "graph", "compiled", "compiled_graph", "eager_release_memory",
-            "eager_transposed_conv", "eager_upconv_matrix_product")
+            "eager_transposed_conv", "eager_upconv_matrix_product", "eager_relu_in_place")
 
 
 def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str = "bf16-mixed",
@@ -171,6 +173,7 @@ def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str =
             for v in (variants if r % 2 == 0 else variants[::-1]):
                 torch.backends.cudnn.benchmark = v == "eager_cudnn_benchmark"
                 host_memory.reuse_freed_memory(v != "eager_release_memory")
+                ReLU.in_place_on_cpu_bf16 = v == "eager_relu_in_place"
                 try:
                     t0 = time.perf_counter()
                     step = study_step(b, precision, dev, graph=v.endswith("graph"), compile=v.startswith("compiled"),
@@ -191,6 +194,7 @@ def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str =
                       f"{system[v][-1]:.2f} s system time", flush=True)
         torch.backends.cudnn.benchmark = False
         host_memory.reuse_freed_memory(True)
+        ReLU.in_place_on_cpu_bf16 = False
         out[f"step_gflop_b{b}"] = flops / 1e9
         for v, ts in times.items():
             out[f"step_seconds_{v}_b{b}"] = median(ts)

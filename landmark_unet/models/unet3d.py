@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from landmark_unet.models.blocks import ReLU
 from landmark_unet.models.fusion import FusionSegmenter, auxiliary_heads, fused_channels
 from landmark_unet.models.unet2d import UNet2dTrunk
 
@@ -30,10 +31,11 @@ def conv3d_as_2d(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
         raise ValueError("conv3d_as_2d needs an unpadded, unstrided, undilated, ungrouped depth axis")
     b, d, c, h, w = x.shape
     out_d = d - kd + 1
-    windows = x.unfold(1, kd, 1).permute(0, 1, 5, 2, 3, 4).reshape(b * out_d, kd * c, h, w)  # channels (kd, C)
+    windows = x.permute(0, 1, 3, 4, 2).unfold(1, kd, 1)  # (B, D', H, W, C, kd)
+    # one copy, straight into channels-last order: each pixel's (kd, C) values side by side
+    windows = windows.permute(0, 1, 2, 3, 5, 4).reshape(b * out_d, h, w, kd * c).permute(0, 3, 1, 2)
     weight = conv.weight.transpose(1, 2).reshape(conv.out_channels, kd * c, *conv.kernel_size[1:])
-    y = F.conv2d(windows.contiguous(memory_format=torch.channels_last), weight, conv.bias, conv.stride[1:],
-                 conv.padding[1:], conv.dilation[1:])
+    y = F.conv2d(windows, weight, conv.bias, conv.stride[1:], conv.padding[1:], conv.dilation[1:])
     return y.reshape(b, out_d, *y.shape[1:])
 
 
@@ -52,10 +54,10 @@ class Stem3d(nn.Sequential):
         super().__init__(
             nn.Conv3d(in_channels, out_channels, 3, padding=(0, 1, 1), bias=False),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
+            ReLU(),
             nn.Conv3d(out_channels, out_channels, 3, padding=(0, 1, 1), bias=False),
             nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
+            ReLU(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
