@@ -145,6 +145,7 @@ def lightning_arm(module: SegmentationModule, dm, precision: str, steps: int,
     steps_, waits = clock.times()
     del trainer
     gc.collect()
+    host_memory.release_free_memory()  # the next arm forks its loader workers from a small heap, as a new run does
     return steps_[1:], waits[1:]
 
 
@@ -171,6 +172,7 @@ def plain_arm(module: SegmentationModule, dm, precision: str, steps: int, dev: t
     times = [clock.seconds(a, b) for a, b in zip(ends, ends[1:])]
     del batches, ends
     gc.collect()
+    host_memory.release_free_memory()
     return times[1:]
 
 

@@ -52,8 +52,19 @@ def reuse_freed_memory(enabled: bool = True) -> bool:
     mmap_max, trim = (0, _NEVER_TRIM) if enabled else (_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
     applied = libc.mallopt(_M_MMAP_MAX, mmap_max) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim) == 1
     if not enabled:
-        libc.malloc_trim(0)
+        release_free_memory()
     return applied
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system now (``malloc_trim(0)``), whatever the setting.
+
+    A process that forks (data loader workers) after its heap has grown shares those pages with the child, and
+    then copies each one it writes to: the first steps after a fork pay for the whole heap once. Benchmarks call
+    this between arms, so that each arm forks its workers as a fresh training run does."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def apply_config(cfg, key: str = "reuse_host_memory") -> bool:

@@ -213,3 +213,20 @@ def test_up_convolution_is_the_transposed_convolution_as_a_matrix_product(channe
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert outputs[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_is_in_place_except_for_bf16_on_the_cpu(dtype):
+    """blocks.ReLU: torch.relu's values and gradient; it overwrites its input, except bf16 on the CPU (where
+    PyTorch's in-place kernels are slower), whose input stays as it was."""
+    from landmark_unet.models.blocks import ReLU
+
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    inp = (x * 1).to(dtype)  # a non-leaf: autograd allows writing over it
+    before = inp.detach().clone()
+    y = ReLU()(inp)
+    assert (y.data_ptr() == inp.data_ptr()) == (dtype == torch.float32)
+    assert torch.equal(inp.detach(), y.detach() if dtype == torch.float32 else before)
+    torch.testing.assert_close(y.float(), torch.relu(before).float())
+    y.float().sum().backward()
+    torch.testing.assert_close(x.grad, (before > 0).float())
