@@ -52,9 +52,10 @@ class UpConv2x2(nn.ConvTranspose2d):
     Parameters and function are ``nn.ConvTranspose2d``'s (weight (C_in, C_out, 2, 2), bias (C_out,); checkpoints
     are interchangeable). On the CPU it is computed as what it is, a 1x1 convolution to the four output pixels of
     each input pixel (C_in -> 4 C_out, one matrix product) and one copy that puts those pixels in place, which
-    returns a channels-last tensor: the same numbers, and the forward and backward of the four up-convolutions of
-    the study's U-Net 1.6x faster there in fp32 and 1.8x in bf16 (oneDNN's transposed convolution runs at 0.07-0.6
-    TFLOP/s and gets the concatenation's gradient as a strided slice; ``benchmarks/bench_step.py --variants
+    returns a channels-last tensor: the same numbers, and the forward and backward of the study's four
+    up-convolutions with their concatenations 1.6x faster there in fp32 and 1.8x in bf16 (oneDNN's transposed
+    convolution runs at 0.07-0.6 TFLOP/s and gets the concatenation's gradient as a strided slice). The whole bf16
+    training step: 1.11-1.12x; fp32: within the noise (``benchmarks/bench_step.py --variants
     eager,eager_transposed_conv``). On a GPU it runs cuDNN's transposed convolution, as measured there so far.
     """
 
