@@ -42,8 +42,8 @@ def reuse_freed_memory(enabled: bool = True) -> bool:
     """Keep freed memory in the process for reuse (``enabled``), or give large blocks back to the system again
     (glibc's default limits; its dynamic mmap threshold is not restored).
 
-    ``enabled``: ``mallopt(M_MMAP_MAX, 0)`` (no block is mmapped) and ``M_TRIM_THRESHOLD`` at its maximum (the
-    heap is not trimmed). Applies to the whole process and to the processes it forks afterwards (data loader
+    ``enabled``: ``mallopt(M_MMAP_MAX, 0)`` (no block is mmapped) and ``mallopt(M_TRIM_THRESHOLD, -1)`` (the
+    heap is never trimmed). Applies to the whole process and to the processes it forks afterwards (data loader
     workers). Returns whether the setting was applied (False where the C library is not glibc).
     """
     libc = _glibc()
