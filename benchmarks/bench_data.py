@@ -7,7 +7,8 @@
 2. Iterates two training epochs (organ slices, batch 10; the first starts the loader workers, the second runs
    with them warm, as every later epoch of a run does) and one evaluation pass (every slice of the test bodies)
    through the real DataModule and DataLoader, with no model: slices per second and peak resident memory of the
-   data side (this process plus its loader workers).
+   data side (this process plus its loader workers), summed as RSS (``peak_rss_gib``: the pages the workers share
+   with this process counted once per process, an upper bound) and as PSS (``data_peak_pss_gib``: counted once).
 3. ``data.on_device``: copies the training bodies' slices into the device's memory
    (:class:`~landmark_unet.data.device_slices.DeviceSlices`) and gathers one shuffled epoch of batches of 10 there,
    each batch's slice indices sent from the host as a training loader sends them: slices per second (on a CPU it
@@ -29,14 +30,19 @@ import time
 from pathlib import Path
 
 
-def _rss_kib(pid: int) -> int:
+def _memory_kib(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of one process, KiB, from /proc/PID/smaps_rollup (Linux >= 4.14); (0, 0) once it has exited.
+    RSS counts every page the process has resident, PSS splits each page shared by n processes into n parts."""
+    rss = pss = 0
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return rss, pss
 
 
 def _children(pid: int) -> list[int]:
@@ -49,37 +55,48 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def rss_tree_gib() -> float:
-    """Current resident memory of this process and all its descendants (loader workers), GiB (Linux /proc)."""
-    total, todo = 0, [os.getpid()]
+def memory_tree_gib() -> tuple[float, float]:
+    """Resident memory of this process and all its descendants (loader workers), GiB: (sum of RSS, sum of PSS).
+    Forked workers share the pages they inherited from this process until one writes them, so the RSS sum counts
+    each shared page once per process (an upper bound), and the PSS sum counts it once in all (what the tree
+    occupies)."""
+    rss = pss = 0
+    todo = [os.getpid()]
     while todo:
         pid = todo.pop()
-        total += _rss_kib(pid)
+        r, p = _memory_kib(pid)
+        rss, pss = rss + r, pss + p
         todo += _children(pid)
-    return total / 2**20
+    return rss / 2**20, pss / 2**20
 
 
-class PeakRss:
-    """Peak of :func:`rss_tree_gib`, sampled every ``interval`` s by a background thread while in the ``with``
-    block (sampling between batches in the loop itself slowed the loop it measures: a /proc walk per batch)."""
+class PeakMemory:
+    """Peaks of :func:`memory_tree_gib` (``rss``, ``pss``), sampled every ``interval`` s by a background thread
+    while in the ``with`` block (sampling between batches in the loop itself slowed the loop it measures: a /proc
+    walk per batch)."""
 
     def __init__(self, interval: float = 0.05):
-        self.interval, self.peak = interval, rss_tree_gib()
+        self.interval = interval
+        self.rss, self.pss = memory_tree_gib()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
+    def _update(self) -> None:
+        rss, pss = memory_tree_gib()
+        self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_tree_gib())
+            self._update()
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_tree_gib())
+        self._update()
 
 
 def device_gather(dm, dev, batch_size: int = 10) -> dict:
@@ -136,7 +153,7 @@ def run(subjects: int = 50, workers: int = 2, model_steps: int = 3) -> dict:
     t_setup_reload = time.perf_counter() - t0
     del dm2
 
-    with PeakRss() as rss:
+    with PeakMemory() as memory:
         loader = dm.train_dataloader()
         rates = []
         for _ in range(2):  # the first epoch starts the (persistent) workers, the second is the steady state
@@ -150,7 +167,6 @@ def run(subjects: int = 50, workers: int = 2, model_steps: int = 3) -> dict:
         for batch in dm.test_dataloader():
             n += len(batch["image"])
         eval_rate = n / (time.perf_counter() - t0)
-    peak = rss.peak
     dev = device()
     gather = device_gather(dm, dev)
 
@@ -173,8 +189,9 @@ def run(subjects: int = 50, workers: int = 2, model_steps: int = 3) -> dict:
         "data_vs_model_ratio": train_rate / model_rate,
         **gather,
         "device_gather_vs_model_ratio": gather["device_gather_train_slices_per_s"] / model_rate,
-        "data_peak_rss_gib": peak,
-        "peak_rss_gib": peak,
+        "data_peak_rss_gib": memory.rss,
+        "peak_rss_gib": memory.rss,
+        "data_peak_pss_gib": memory.pss,
         "data_peak_rss_main_gib_ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "cpu_count": os.cpu_count(),
     }

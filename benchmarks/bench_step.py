@@ -25,9 +25,10 @@ figures (loader, Lightning) are read. Variants, side by side and alternating ove
 
 Times are GPU-event times of ``steps`` steps in a row, with no host synchronisation between them (the throughput
 a training run gets); MFU is FLOPs per step (``torch.utils.flop_counter``) over that time over a large matmul's
-FLOP/s measured in this run. Profile (on a GPU unless ``--no-profile``): the eager step (the compiled one when
-``compiled`` is among the variants) at the first batch size under ``torch.profiler``, its GPU kernel time summed by
-kind (convolution, batch norm, element-wise, ...) and the GPU's busy time per step.
+FLOP/s measured in this run. Profile (unless ``--no-profile``), at the first batch size: on a GPU, the eager step
+(the compiled one when ``compiled`` is among the variants) under ``torch.profiler``, its GPU kernel time summed by
+kind (convolution, batch norm, element-wise, ...) and the GPU's busy time per step; on a CPU, the eager step's
+ATen ops timed one by one (:class:`OpTimes`) and summed by kind, and the FLOP/s of its convolutions alone.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.bench_train import Marks, rmsprop, step_flops, study_module
 from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, median
@@ -156,12 +158,64 @@ def profile(step, steps: int = 5) -> dict:
             "profile_top_kernels": dict(top)}
 
 
+class OpTimes(TorchDispatchMode):
+    """Wall seconds of every ATen op run under it, summed by op (``convolution``, ``native_batch_norm_backward``,
+    ...). On a CPU each op runs to completion on the calling thread (the backward's too), so its wall time is its
+    cost; the op times of a step add up to the step's time less the Python around them."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.seconds[func.overloadpacket.__name__] += time.perf_counter() - t0
+        return out
+
+
+CPU_KINDS = (  # ATen op-name fragments -> kind; the first match wins
+    ("convolution backward", ("convolution_backward",)),
+    ("convolution forward", ("convolution",)),
+    ("batch norm backward", ("batch_norm_backward",)),
+    ("batch norm forward", ("batch_norm",)),
+    ("ReLU and its backward", ("relu", "threshold", "clamp")),
+    ("pooling", ("pool",)),
+    ("concatenation", ("cat",)),
+    ("other element-wise (gradient sums, casts, copies, the optimiser)",
+     ("add", "mul", "div", "sqrt", "clone", "copy", "fill", "zero", "_foreach")),
+)
+
+
+def profile_cpu(step, flops: float, peak: float, steps: int = 3) -> dict:
+    """Where a CPU step's time goes: seconds per step by kind of op (:class:`OpTimes`), the busiest ops, and the
+    FLOP/s the convolutions reach on their own (every FLOP ``step_flops`` counts is a convolution's) over the
+    matmul ``peak``: the utilisation the step would have with no other op at all."""
+    for _ in range(2):
+        step()
+    times = OpTimes()
+    t0 = time.perf_counter()
+    with times:
+        for _ in range(steps):
+            step()
+    wall = (time.perf_counter() - t0) / steps
+    ops = {name: seconds / steps for name, seconds in times.seconds.items()}
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for name, seconds in ops.items():
+        kinds[next((kind for kind, keys in CPU_KINDS if any(k in name for k in keys)), "other")] += seconds
+    conv = kinds["convolution forward"] + kinds["convolution backward"]
+    return {"profile_wall_seconds_per_step": wall, "profile_op_seconds_per_step": sum(ops.values()),
+            "profile_seconds_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "profile_top_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:12]),
+            "convolution_tflops": flops / conv / 1e12, "mfu_convolutions_alone": flops / conv / peak}
+
+
 VARIANTS = ("eager", "eager_cudnn_benchmark", "graph", "compiled", "compiled_graph", "eager_release_memory",
             "eager_transposed_conv", "eager_upconv_matrix_product", "eager_relu_in_place")
 
 
 def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str = "bf16-mixed",
-        profile_step: bool | None = None, variants: tuple[str, ...] | None = None) -> dict:
+        profile_step: bool = True, variants: tuple[str, ...] | None = None) -> dict:
     dev = device()
     peak = matmul_peak(PEAK_DTYPE[precision], dev)
     variants = list(variants or (("eager", "eager_cudnn_benchmark", "graph") if dev.type == "cuda" else ("eager",)))
@@ -206,10 +260,16 @@ def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str =
         for v in variants:
             if f"step_seconds_{v}_b{b}" in out:
                 out[f"mfu_{v}_b{b}"] = out[f"step_gflop_b{b}"] * 1e9 / out[f"step_seconds_{v}_b{b}"] / peak
-    if profile_step if profile_step is not None else dev.type == "cuda":
-        compiled = "compiled" in variants  # profile the compiled step when it was timed
+    if profile_step:
+        # on a GPU the compiled step when it was timed; on a CPU the eager one (a compiled graph's kernels bypass
+        # the dispatcher that OpTimes times)
+        compiled = "compiled" in variants and dev.type == "cuda"
         out["profile_variant"] = "compiled" if compiled else "eager"
-        out |= profile(study_step(batches[0], precision, dev, compile=compiled))
+        step = study_step(batches[0], precision, dev, compile=compiled)
+        if dev.type == "cuda":
+            out |= profile(step)
+        else:
+            out |= profile_cpu(step, out[f"step_gflop_b{batches[0]}"] * 1e9, peak)
         print("profile (ms per step by kind): " + ", ".join(
             f"{k} {v * 1e3:.2f}" for k, v in out["profile_seconds_by_kind"].items()), flush=True)
     return out
@@ -229,7 +289,7 @@ def main() -> None:
     variants = tuple(args.variants.split(",")) if args.variants else None
     if variants and not set(variants) <= set(VARIANTS):
         ap.error(f"--variants: unknown {sorted(set(variants) - set(VARIANTS))}")
-    print(json.dumps(run(batches, args.steps, args.rounds, args.precision, False if args.no_profile else None,
+    print(json.dumps(run(batches, args.steps, args.rounds, args.precision, not args.no_profile,
                          variants), indent=2))
 
 
