@@ -37,12 +37,17 @@ def run(rounds: int = 5, seeds: int = 10, epochs: int = 20) -> dict:
                f"paths.cache_dir={Path('.cache').resolve()}"]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         runs: dict[tuple[str, int, int], float] = {}  # (precision, seed, round) -> mean Dice of its test bodies
+        bodies: dict[tuple[str, int, int], dict] = {}  # the same -> {body: Dice}
         for path in sorted(Path(tmp, "sweep").rglob("metrics.json")):
             metrics = json.loads(path.read_text())
             overrides = dict(o.split("=", 1) for o in metrics["overrides"])
             key = (metrics["precision"], int(overrides["seed"]), int(overrides["data.split.round"]))
-            runs[key] = float(np.mean(list(metrics["test"]["liver"]["per_body"].values())))
+            bodies[key] = metrics["test"]["liver"]["per_body"]
+            runs[key] = float(np.mean(list(bodies[key].values())))
     out = {"command": "python -m landmark_unet.train -m " + " ".join(sweep), "runs": len(runs)}
+    # every run's per-body Dice, "<precision> seed <s> round <r>": {body: Dice} (a heavy tail is read from these)
+    out["per_body_dice"] = {f"{p} seed {s} round {r}": {b: round(d, 4) for b, d in sorted(bodies[(p, s, r)].items())}
+                            for p, s, r in sorted(bodies)}
     mean = {}
     for p, tag in (("32-true", "fp32"), ("bf16-mixed", "bf16")):
         for seed in range(seeds):  # every round has the same number of test bodies: the mean of runs is of bodies
