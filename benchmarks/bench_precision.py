@@ -7,9 +7,9 @@ data.split.round=0..4 trainer.precision=32-true,bf16-mixed seed=0..9`` (the same
 for both precisions) and reports the mean per-body test Dice of each precision and seed over every test body of
 every round; the bf16 - fp32 difference paired by run (seed and round: same initial weights, same test bodies),
 its mean with a 95 % t-interval over the runs (target: within 0.01); and what changing only the seed does to fp32,
-the training noise the precision's effect must be told from. That noise sets the seeds: one run's difference has a
-standard deviation of about 0.02, so 3 seeds (15 pairs) left the interval +-0.012 wide; 10 seeds (50 pairs, about
-an hour on 2 CPU cores) bring it to about +-0.006. ``experiment=quick`` trains 6 epochs, too few to
+the training noise the precision's effect must be told from. That noise sets the seeds: 3 seeds (15 pairs) left the
+interval +-0.012 wide, and 10 seeds (50 pairs, about an hour on 2 CPU cores) still +-0.013, the per-run differences
+being heavy-tailed (an SD of 0.045, mostly one atypical test body that some models miss; benchmarks/README.md). ``experiment=quick`` trains 6 epochs, too few to
 converge (its Dice moves by 0.05 between seeds); 20 epochs (the default here) converge. At quick size the network is
 8 channels wide: too small for bf16 to be faster, so no speed is claimed here (bench_train measures speed at the
 study's size).
