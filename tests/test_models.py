@@ -230,3 +230,34 @@ def test_relu_is_in_place_except_for_bf16_on_the_cpu(dtype):
     torch.testing.assert_close(y.float(), torch.relu(before).float())
     y.float().sum().backward()
     torch.testing.assert_close(x.grad, (before > 0).float())
+
+
+@pytest.mark.parametrize("model", ["unet2d", "unet3d", "unet2d_multitask"])
+def test_norm_fp32_runs_every_batchnorm_in_fp32_under_bf16_autocast(model, tmp_path):
+    """``model.norm_fp32=true`` reaches the module from the real config; under CPU bf16 autocast every BatchNorm
+    then computes and returns fp32 (the default returns bf16), while the convolutions stay bf16 and the network's
+    parameters and outputs' shape do not change."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_train
+
+    seen: dict[bool, set] = {}
+    for norm_fp32 in (False, True):
+        cfg = compose_train([f"model={model}", "model.net.features=8", f"model.norm_fp32={str(norm_fp32).lower()}"],
+                            tmp_path)
+        module = instantiate(cfg.model, optimizer=torch.optim.Adam)
+        norms = [m for m in module.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        convs = [m for m in module.net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert norms and convs
+        dtypes = {"norm": set(), "conv": set()}
+        for kind, layers in (("norm", norms), ("conv", convs)):
+            for m in layers:
+                m.register_forward_hook(lambda m, a, out, found=dtypes[kind]: found.add(out.dtype))
+        c = len(cfg.data.channels)
+        x = torch.randn(2, c, 5, 32, 32) if model == "unet3d" else torch.randn(2, c, 32, 32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x)
+        assert out.shape[-2:] == (32, 32)
+        assert dtypes["conv"] == {torch.bfloat16}
+        seen[norm_fp32] = dtypes["norm"]
+    assert seen == {False: {torch.bfloat16}, True: {torch.float32}}

@@ -13,6 +13,7 @@ from landmark_unet.errors import InputError
 from landmark_unet.heads import check_head, organ_masks, probabilities
 from landmark_unet.losses import BCELoss, deep_supervision_loss
 from landmark_unet.metrics import PerBodyDice, SampleMean
+from landmark_unet.models.blocks import norms_in_fp32
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -81,6 +82,8 @@ class SegmentationModule(pl.LightningModule):
             (:data:`COMPILE_MODES`; ``reduce-overhead`` also replays the compiled forward and backward as CUDA
             graphs on a GPU, where the compiled step is otherwise limited by the host launching its kernels: see
             benchmarks/README.md). Costs a minute or so of compilation at the first step.
+        norm_fp32: under bf16 / fp16 mixed precision, compute every BatchNorm / InstanceNorm (and the ReLU after
+            it) in fp32 (:func:`~landmark_unet.models.blocks.norms_in_fp32`); no effect in fp32.
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class SegmentationModule(pl.LightningModule):
         loss: nn.Module | None = None,
         head: str = "sigmoid",
         sliding_window: dict | None = None,
+        norm_fp32: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "loss"])
@@ -113,6 +117,8 @@ class SegmentationModule(pl.LightningModule):
             for m in self.net.modules():  # 4D weights only: a depth-5 stem's 3D convolutions stay as they are
                 if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                     m.to(memory_format=torch.channels_last)
+        if norm_fp32:
+            norms_in_fp32(self.net)
         if compile:
             self.net.compile(**compile_options(compile))
         self.val_dice = PerBodyDice()

@@ -24,6 +24,23 @@ class ReLU(nn.ReLU):
         return torch.relu_(x)
 
 
+def _input_to_fp32(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0]
+    return (x.float(), *args[1:]) if x.dtype in (torch.bfloat16, torch.float16) else None
+
+
+def norms_in_fp32(net: nn.Module) -> int:
+    """Under bf16 / fp16 mixed precision, make every BatchNorm and InstanceNorm of ``net`` compute in fp32: a
+    forward pre-hook casts its input to float32, so its statistics, its output and the ReLU after it are fp32 (the
+    next convolution casts back, as autocast does for any fp32 input). Autocast leaves these layers in the input's
+    precision; on the CPU that made the quick phantom's bf16 training miss an atypical body's liver more often
+    (benchmarks/README.md). Costs memory traffic, changes no parameter. Returns the number of layers hooked."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    for m in norms:
+        m.register_forward_pre_hook(_input_to_fp32)
+    return len(norms)
+
+
 class DoubleConv(nn.Sequential):
     """(3x3 conv, BatchNorm, ReLU) x 2, zero padding: (B, C_in, H, W) -> (B, C_out, H, W)."""
 
