@@ -235,8 +235,8 @@ def test_relu_is_in_place_except_for_bf16_on_the_cpu(dtype):
 @pytest.mark.parametrize("model", ["unet2d", "unet3d", "unet2d_multitask"])
 def test_norm_fp32_runs_every_batchnorm_in_fp32_under_bf16_autocast(model, tmp_path):
     """``model.norm_fp32=true`` reaches the module from the real config; under CPU bf16 autocast every BatchNorm
-    then computes and returns fp32 (the default returns bf16), while the convolutions stay bf16 and the network's
-    parameters and outputs' shape do not change."""
+    then computes and returns fp32 (the default returns bf16), while the convolutions stay bf16 and the output keeps
+    its shape."""
     from hydra.utils import instantiate
 
     from tests.conftest import compose_train
