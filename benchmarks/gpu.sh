@@ -44,6 +44,7 @@ bench() {  # bench NAME LOG SECONDS ARGS...: one benchmark module under a time l
 #   train_on_device  bench_train with data.on_device (slices gathered in the GPU's memory), fp32 / bf16 / fp16
 #   train            bench_train with the host loader, plus torch.compile (bf16) and the multi-task network
 #   train_host       bench_train with the host loader, fp32 and bf16 only, no compile or multi-task (shorter)
+#   gradients        bf16 gradient against fp32 (no TF32) on the quick phantom (bench_precision --no-train)
 #   inference_bf16, inference_fp16, models, data
 PLAN=${PLAN:-step train_on_device train inference_bf16 models data inference_fp16}
 for item in $PLAN; do
@@ -68,6 +69,7 @@ for item in $PLAN; do
         --rounds "$ROUNDS" --no-compile --no-multitask --precisions 32-true,bf16-mixed ;;
     inference_bf16) bench bench_inference inference_bf16 45 --precision bf16-mixed --batch 64 ;;
     inference_fp16) bench bench_inference inference_fp16 50 --precision 16-mixed --batch 64 ;;
+    gradients) bench bench_precision gradients 90 --no-train ;;
     models) bench bench_models models 60 --steps 3 ;;
     data) bench bench_data data 70 --subjects "$SUBJECTS" --workers "$WORKERS" ;;
     *) echo "unknown PLAN item: $item"; exit 2 ;;
