@@ -26,6 +26,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -136,10 +137,13 @@ def collect(sweep_dir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def summarize(per_body_dice: dict[str, dict[str, float]]) -> dict:
+def summarize(per_body_dice: dict[str, dict[str, float]], earlier_means: dict[tuple[str, int], float] | None = None
+              ) -> dict:
     """The statistics of runs given as :func:`collect` returns them: each seed's mean Dice per precision (the mean
-    over its rounds' test bodies), and the bf16 - fp32 difference paired by run, with a 95 % t-interval over the
-    seeds' means (the runs of one seed share nothing but the seed, so the seeds are the independent units)."""
+    over its rounds' test bodies), and the bf16 - fp32 difference paired by seed, with a 95 % t-interval over the
+    seeds (the runs of one seed share nothing but the seed, so the seeds are the independent units).
+    ``earlier_means`` adds seeds known only by those means, {(precision, seed): mean Dice over the same rounds}
+    (outputs from before every run's per-body Dice was kept)."""
     runs = {}
     for key, bodies in per_body_dice.items():
         precision, _, seed, _, rnd = key.split()
@@ -147,20 +151,24 @@ def summarize(per_body_dice: dict[str, dict[str, float]]) -> dict:
     seeds = sorted({s for p, s, _ in runs if p == "32-true"} & {s for p, s, _ in runs if p == "bf16-mixed"})
     rounds = sorted({r for _, _, r in runs})
     missing = [(p, s, r) for p in ("32-true", "bf16-mixed") for s in seeds for r in rounds if (p, s, r) not in runs]
-    if missing or not seeds:
+    if missing or not (seeds or earlier_means):
         raise ValueError(f"runs missing for a paired comparison: {missing[:5] or 'no seed has both precisions'}")
-    out = {"runs": 2 * len(seeds) * len(rounds), "seeds": seeds, "rounds": rounds}
     mean = {(p, s): float(np.mean([runs[(p, s, r)] for r in rounds]))  # every round has as many test bodies
             for p in ("32-true", "bf16-mixed") for s in seeds}
+    mean = {k: v for k, v in (earlier_means or {}).items() if k[1] not in seeds} | mean
+    seeds = sorted({s for p, s in mean if p == "32-true"} & {s for p, s in mean if p == "bf16-mixed"})
+    out = {"seeds": seeds, "rounds": rounds, "runs_with_per_body_dice": len(runs)}
     for p, tag in (("32-true", "fp32"), ("bf16-mixed", "bf16")):
         out[f"quick_liver_dice_{tag}"] = float(np.mean([mean[(p, s)] for s in seeds]))
         for s in seeds:
             out[f"quick_liver_dice_{tag}_seed{s}"] = mean[(p, s)]
     per_seed = np.array([mean[("bf16-mixed", s)] - mean[("32-true", s)] for s in seeds])
-    per_run = np.array([runs[("bf16-mixed", s, r)] - runs[("32-true", s, r)] for s in seeds for r in rounds])
     out["bf16_dice_difference"] = float(per_seed.mean())  # bf16 - fp32
     out["bf16_dice_difference_per_seed"] = per_seed.tolist()
-    out["bf16_dice_difference_sd_per_run"] = float(per_run.std(ddof=1))
+    per_run = [runs[("bf16-mixed", s, r)] - runs[("32-true", s, r)] for s in seeds for r in rounds
+               if ("32-true", s, r) in runs]
+    if len(per_run) > 1:
+        out["bf16_dice_difference_sd_per_run"] = float(np.std(per_run, ddof=1))
     if len(seeds) > 1:
         half = float(stats.t.ppf(0.975, len(seeds) - 1) * per_seed.std(ddof=1) / np.sqrt(len(seeds)))
         out["bf16_dice_difference_ci95"] = [out["bf16_dice_difference"] - half, out["bf16_dice_difference"] + half]
@@ -169,11 +177,29 @@ def summarize(per_body_dice: dict[str, dict[str, float]]) -> dict:
     return out
 
 
-def run(rounds: int = 5, seeds: int = 10, epochs: int = 20, first_seed: int = 0, combine: dict | None = None,
+def earlier_output(path: Path) -> tuple[dict, dict]:
+    """An earlier output of this benchmark (or results.json: its ``precision``) as (per-body Dice of its runs, its
+    seeds' means where it kept no per-run Dice)."""
+    earlier = json.loads(path.read_text())
+    earlier = earlier.get("precision", earlier) if "per_body_dice" not in earlier else earlier
+    if earlier.get("per_body_dice"):
+        return earlier["per_body_dice"], {}
+    means = {}
+    for key, value in earlier.items():
+        for p, tag in (("32-true", "fp32"), ("bf16-mixed", "bf16")):
+            prefix = f"quick_liver_dice_{tag}_seed"
+            if key.startswith(prefix) and key[len(prefix):].isdigit():
+                means[(p, int(key[len(prefix):]))] = value
+    if not means:
+        raise ValueError(f"{path}: neither per_body_dice nor quick_liver_dice_<precision>_seed<n> figures")
+    return {}, means
+
+
+def run(rounds: int = 5, seeds: int = 10, epochs: int = 20, first_seed: int = 0, combine: Sequence[Path] = (),
         gradients: bool = True, train: bool = True) -> dict:
-    """The gradient comparison, then the Dice sweep over ``seeds`` seeds from ``first_seed``; ``combine`` adds
-    earlier runs (a per-body Dice dict from an earlier output: the runs are deterministic, so seeds 0-9 from one
-    output and 10-19 from another summarise as one 20-seed sweep)."""
+    """The gradient comparison, then the Dice sweep over ``seeds`` seeds from ``first_seed``; ``combine`` adds the
+    runs of earlier outputs (:func:`earlier_output`: the runs are deterministic, so seeds 0-9 from one output and
+    10-19 from another summarise as one 20-seed sweep)."""
     out: dict = {}
     if gradients:
         out["gradients"] = gradient_fidelity()
@@ -181,10 +207,15 @@ def run(rounds: int = 5, seeds: int = 10, epochs: int = 20, first_seed: int = 0,
         with tempfile.TemporaryDirectory() as tmp:
             out["command"] = sweep(rounds, range(first_seed, first_seed + seeds), epochs, Path(tmp, "sweep"))
             out["per_body_dice"] = collect(Path(tmp, "sweep"))  # every run's, from which the figures are read
-    if combine:
-        out["per_body_dice"] = combine | out.get("per_body_dice", {})
-    if out.get("per_body_dice"):
-        out |= summarize(out["per_body_dice"])
+    per_body, means = {}, {}
+    for path in combine:
+        runs, seed_means = earlier_output(path)
+        per_body |= runs
+        means |= seed_means
+    per_body |= out.get("per_body_dice", {})
+    if per_body or means:
+        out["per_body_dice"] = per_body
+        out |= summarize(per_body, means)
     return out
 
 
@@ -199,13 +230,8 @@ def main() -> None:
     ap.add_argument("--no-gradients", action="store_true", help="skip the gradient comparison")
     ap.add_argument("--no-train", action="store_true", help="no new runs: only the gradients and --combine")
     args = ap.parse_args()
-    combine: dict = {}
-    for path in args.combine:
-        earlier = json.loads(path.read_text())
-        combine |= earlier.get("per_body_dice") or earlier["precision"]["per_body_dice"]
-    print(json.dumps(run(args.rounds, args.seeds, args.epochs, args.first_seed, combine, not args.no_gradients,
+    print(json.dumps(run(args.rounds, args.seeds, args.epochs, args.first_seed, args.combine, not args.no_gradients,
                          not args.no_train), indent=2))
-
 
 if __name__ == "__main__":
     main()
