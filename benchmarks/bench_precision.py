@@ -4,7 +4,7 @@
         [--combine earlier.json ...] [--no-gradients] [--no-train]
 
 1. :func:`gradient_fidelity`: the relative error of a bf16-mixed step's gradient against fp32's, same weights and
-   batch, beside the spread between minibatches' gradients (SGD's own noise). A minute; deterministic.
+   batch, beside the spread between minibatches' gradients (SGD's own noise). Half a minute; deterministic on a CPU.
 2. The Dice sweep: ``python -m landmark_unet.train -m experiment=quick organ=liver trainer.max_epochs=20
    data.split.round=0..4 trainer.precision=32-true,bf16-mixed seed=0..9`` (the same data, splits and initial
    weights for both precisions); the mean per-body test Dice of each precision and seed over every test body of
@@ -12,9 +12,9 @@
    within 0.01); and the fp32 seed-to-seed SD, the training noise the precision's effect must be told from. That
    noise sets the seeds: 10 seeds (50 pairs, about an hour on 2 CPU cores) left the interval +-0.014 wide and 20
    seeds +-0.008, the per-run differences being heavy-tailed (one atypical test body that models of either
-   precision sometimes miss, one seed that trains badly in both; benchmarks/README.md). The runs are deterministic, so a later sweep of more seeds (``--first-seed 10``) joins an
-   earlier one through ``--combine``. ``experiment=quick`` trains 6 epochs, too few to converge; 20 epochs (the
-   default here) converge. At quick size the network is 8 channels wide: too small for bf16 to be faster, so no
+   precision sometimes miss, one seed that trains badly in both; benchmarks/README.md). The runs are
+   deterministic, so a later sweep of more seeds (``--first-seed 10``) joins an earlier one through ``--combine``.
+   ``experiment=quick`` trains 6 epochs, too few to converge; 20 epochs (the default here) converge. At quick size the network is 8 channels wide: too small for bf16 to be faster, so no
    speed is claimed here (bench_train and bench_step measure speed at the study's size).
 """
 
@@ -64,6 +64,7 @@ def gradient_fidelity(batches: int = 10, train_steps: int = 200) -> dict:
         dm = instantiate(cfg.data)
         dm.prepare_data()
         dm.setup("fit")
+
         def to_device(batch: dict) -> dict:
             return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -179,20 +180,18 @@ def summarize(per_body_dice: dict[str, dict[str, float]], earlier_means: dict[tu
 
 def earlier_output(path: Path) -> tuple[dict, dict]:
     """An earlier output of this benchmark (or results.json: its ``precision``) as (per-body Dice of its runs, its
-    seeds' means where it kept no per-run Dice)."""
+    seeds' means: :func:`summarize` uses a mean only for a seed whose runs are not there)."""
     earlier = json.loads(path.read_text())
     earlier = earlier.get("precision", earlier) if "per_body_dice" not in earlier else earlier
-    if earlier.get("per_body_dice"):
-        return earlier["per_body_dice"], {}
     means = {}
     for key, value in earlier.items():
         for p, tag in (("32-true", "fp32"), ("bf16-mixed", "bf16")):
             prefix = f"quick_liver_dice_{tag}_seed"
             if key.startswith(prefix) and key[len(prefix):].isdigit():
                 means[(p, int(key[len(prefix):]))] = value
-    if not means:
+    if not (means or earlier.get("per_body_dice")):
         raise ValueError(f"{path}: neither per_body_dice nor quick_liver_dice_<precision>_seed<n> figures")
-    return {}, means
+    return earlier.get("per_body_dice", {}), means
 
 
 def run(rounds: int = 5, seeds: int = 10, epochs: int = 20, first_seed: int = 0, combine: Sequence[Path] = (),
