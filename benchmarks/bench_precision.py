@@ -202,6 +202,9 @@ def run(rounds: int = 5, seeds: int = 10, epochs: int = 20, first_seed: int = 0,
     out: dict = {}
     if gradients:
         out["gradients"] = gradient_fidelity()
+        trained = next(v for k, v in out["gradients"].items() if k.startswith("quick_after"))
+        out["bf16_gradient_error"] = trained["gradient_error_bf16"]  # the headline: a trained network's step
+        out["minibatch_gradient_spread"] = trained["minibatch_spread"]
     if train:
         with tempfile.TemporaryDirectory() as tmp:
             out["command"] = sweep(rounds, range(first_seed, first_seed + seeds), epochs, Path(tmp, "sweep"))
