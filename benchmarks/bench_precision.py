@@ -51,10 +51,11 @@ def gradient_fidelity(batches: int = 10, train_steps: int = 200) -> dict:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
+    from benchmarks.common import device as pick_device
     from landmark_unet.models.blocks import norms_in_fp32
 
     torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
     conf = str(Path(__file__).resolve().parent.parent / "conf")
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=conf, version_base="1.3"):
@@ -82,7 +83,8 @@ def gradient_fidelity(batches: int = 10, train_steps: int = 200) -> dict:
 
         def measure(module) -> dict:
             module.train()
-            rel = {"bf16": [], "bf16_norm_fp32": [], "logits_bf16": [], "logits_bf16_norm_fp32": []}
+            grad_err = {"bf16": [], "bf16_norm_fp32": []}
+            logits_err = {"bf16": [], "bf16_norm_fp32": []}
             reference, logits_apart = [], 0.0
             for batch in held:
                 logits32, g32 = gradient(module, batch, bf16=False)
@@ -90,12 +92,12 @@ def gradient_fidelity(batches: int = 10, train_steps: int = 200) -> dict:
                 logits = {}
                 for tag, norm in (("bf16", False), ("bf16_norm_fp32", True)):
                     logits[tag], g = gradient(module, batch, bf16=True, norm_fp32=norm)
-                    rel[tag].append(float((g - g32).norm() / g32.norm()))
-                    rel["logits_" + tag].append(float((logits[tag] - logits32).norm() / logits32.norm()))
+                    grad_err[tag].append(float((g - g32).norm() / g32.norm()))
+                    logits_err[tag].append(float((logits[tag] - logits32).norm() / logits32.norm()))
                 logits_apart = max(logits_apart, float((logits["bf16"] - logits["bf16_norm_fp32"]).abs().max()))
             mean_g = torch.stack(reference).mean(0)
-            out = {f"gradient_error_{k}" if not k.startswith("logits") else f"{k}_error": float(np.mean(v))
-                   for k, v in rel.items()}
+            out = {f"gradient_error_{k}": float(np.mean(v)) for k, v in grad_err.items()}
+            out |= {f"logits_{k}_error": float(np.mean(v)) for k, v in logits_err.items()}
             out["logits_norm_fp32_vs_plain_bf16_max_abs"] = logits_apart  # 0: the two forwards are bit-identical
             out["minibatch_spread"] = float(np.mean([float((g - mean_g).norm() / mean_g.norm()) for g in reference]))
             return out

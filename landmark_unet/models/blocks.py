@@ -34,8 +34,8 @@ def norms_in_fp32(net: nn.Module) -> int:
     forward pre-hook casts its input to float32, so its statistics, its output and the ReLU after it are fp32 (the
     next convolution casts back, as autocast does for any fp32 input; Apex's ``keep_batchnorm_fp32``). Autocast
     leaves these layers in the input's precision. Measured on the CPU (benchmarks/README.md, ``bench_precision``'s
-    gradient comparison): the forward is bit-identical to plain bf16 autocast (PyTorch's bf16 BatchNorm already
-    accumulates in fp32 and rounds once) and the gradient's error against fp32 is unchanged, while the bf16 step
+    gradient comparison): the forward is bit-identical to plain bf16 autocast (so PyTorch's bf16 BatchNorm computes
+    in fp32 and rounds its output once) and the gradient's error against fp32 is unchanged, while the bf16 step
     takes 1.31x as long. Changes no parameter. Returns the number of layers hooked."""
     norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
     for m in norms:
