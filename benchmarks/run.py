@@ -25,6 +25,7 @@ BENCHMARKS = {
     "inference": "from benchmarks.bench_inference import run; r = run()",
     "precision": "from benchmarks.bench_precision import run; r = run()",
     "host_overhead": "from benchmarks.bench_overhead import run; r = run()",
+    "parallel": "from benchmarks.bench_parallel import run; r = run()",
 }
 # the figures the performance targets are stated in (benchmarks/README.md), copied to the top level
 HEADLINE = ("lightning_vs_plain_ratio", "mfu_fp32", "mfu_bf16", "bf16_speedup", "bf16_dice_difference",
@@ -33,7 +34,7 @@ HEADLINE = ("lightning_vs_plain_ratio", "mfu_fp32", "mfu_bf16", "bf16_speedup", 
             "inference_vs_monai_ratio_compiled", "inference_mfu_compiled", "peak_rss_gib",
             "seconds_per_epoch_2d", "seconds_per_epoch_multitask_bf16", "cache_first_build_seconds_per_subject",
             "cache_reload_seconds_per_subject", "phantom_seconds_per_subject", "distance_map_seconds_full_size",
-            "detect_seconds_full_size")
+            "detect_seconds_full_size", "parallel_oversubscribed_vs_shared")
 
 
 def machine() -> dict:

@@ -1,5 +1,5 @@
-"""How this training process was launched: DDP rank launch checks, GPU pinning of parallel local jobs, and what a
-failure does (a single run exits, a multirun job records it and lets the sweep go on)."""
+"""How this training process was launched: DDP rank launch checks, GPU pinning and CPU threads of parallel local
+jobs, and what a failure does (a single run exits, a multirun job records it and lets the sweep go on)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,47 @@ def pin_local_job_gpu(cfg: DictConfig) -> int | None:
     os.environ["CUDA_VISIBLE_DEVICES"] = chosen
     log.info("submitit_local job %d pinned to GPU %s of %s", job, chosen, ",".join(visible))
     return int(chosen) if chosen.isdigit() else None
+
+
+def _launcher_cpus_per_task() -> int | None:
+    """``hydra.launcher.cpus_per_task`` of this job's submitit launcher (local or SLURM), or None."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    launcher = HydraConfig.get().get("launcher") or {}
+    if "submitit" not in str(launcher.get("_target_", "")):
+        return None
+    cpus = launcher.get("cpus_per_task")
+    return int(cpus) if isinstance(cpus, int) and not isinstance(cpus, bool) and cpus >= 1 else None
+
+
+def set_cpu_threads(cfg: DictConfig, key: str = "cpu_threads") -> int:
+    """Set the threads torch's CPU operations use (``torch.set_num_threads``) from the entry point's ``cpu_threads``
+    and return the number in use.
+
+    ``cpu_threads``: a whole number >= 1, or null for the job's CPUs: ``hydra.launcher.cpus_per_task`` when a
+    submitit launcher started the job, else torch's default (one per core this process may run on). It matters for
+    ``hydra/launcher=submitit_local``, which starts every job of a sweep at once on the same cores: without it each
+    job runs as many threads as there are cores, and on 2 cores two such jobs each ran 7x slower than one alone
+    (benchmarks/README.md). Under submitit_local without ``cpus_per_task`` a warning says so. The data loader's
+    workers run one thread each whatever this says (PyTorch sets that).
+
+    Raises:
+        InputError: the value is not null or a whole number >= 1 (names the key).
+    """
+    import torch
+
+    value = cfg.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InputError(key, f"must be null or a whole number >= 1, got {value!r}")
+    threads = value if value is not None else _launcher_cpus_per_task()
+    if threads is None and "SUBMITIT_LOCAL_JOB_ID" in os.environ:
+        log.warning("submitit_local runs this sweep's jobs side by side, each with %d CPU threads: set "
+                    "hydra.launcher.cpus_per_task (or %s) to share the cores", torch.get_num_threads(), key)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
 
 
 EXIT_TERMINATED = 128 + 15  # what a shell reports for a process ended by SIGTERM

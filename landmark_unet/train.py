@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from landmark_unet import host_memory
 from landmark_unet.checkpoint import SignatureCallback, check_checkpoint, read_checkpoint, signature
 from landmark_unet.config import quiet_third_party, resolve_precision, validate
-from landmark_unet.launch import check_ddp_launch, in_multirun, job_guard, pin_local_job_gpu
+from landmark_unet.launch import check_ddp_launch, in_multirun, job_guard, pin_local_job_gpu, set_cpu_threads
 from landmark_unet.lit.callbacks import EpochSeed, EpochTimer, MetricHistory
 from landmark_unet.postprocess import choose_on_validation
 from landmark_unet.resume import is_done, resolve_start
@@ -40,6 +40,7 @@ def train(cfg: DictConfig) -> dict:
     host_memory.apply_config(cfg)  # before the loader workers fork: they inherit it
     check_ddp_launch(cfg)
     pin_local_job_gpu(cfg)
+    cpu_threads = set_cpu_threads(cfg)
     out = Path(cfg.paths.output_dir)
     if cfg.get("skip_done") and is_done(out):
         log.info("skip_done: %s is finished, not training it again", out)
@@ -86,6 +87,7 @@ def train(cfg: DictConfig) -> dict:
             "wall_seconds": time.perf_counter() - t0,
             "overrides": run_overrides(),
             "precision": str(trainer.precision),
+            "cpu_threads": cpu_threads,
             "history": curves,
             "postprocess": postprocess,
             "resumed_from": None if start.checkpoint is None else str(start.checkpoint),

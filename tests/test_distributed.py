@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from landmark_unet.data.slices import EvalShardSampler
-from landmark_unet.launch import pin_local_job_gpu
+from landmark_unet.launch import pin_local_job_gpu, set_cpu_threads
 
 
 class FakeDataset:
@@ -69,3 +69,31 @@ def test_local_submitit_jobs_are_pinned_to_their_own_gpu(monkeypatch):
     assert pin_local_job_gpu(cfg) == 1 and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
     assert pin_local_job_gpu(OmegaConf.create({"trainer": {"devices": 2}})) is None  # a DDP job keeps its GPUs
+
+
+@pytest.fixture
+def torch_threads():
+    """Restore torch's CPU thread count after a test that sets it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield before
+    torch.set_num_threads(before)
+
+
+def test_cpu_threads_set_from_the_config_or_the_launcher(monkeypatch, caplog, torch_threads):
+    import torch
+
+    monkeypatch.delenv("SUBMITIT_LOCAL_JOB_ID", raising=False)
+    assert set_cpu_threads(OmegaConf.create({"cpu_threads": None})) == torch_threads  # outside a launcher: unchanged
+    assert set_cpu_threads(OmegaConf.create({"cpu_threads": 1})) == 1 == torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    monkeypatch.setattr("landmark_unet.launch._launcher_cpus_per_task", lambda: 1)  # hydra.launcher.cpus_per_task=1
+    assert set_cpu_threads(OmegaConf.create({"cpu_threads": None})) == 1
+    torch.set_num_threads(torch_threads)
+    # submitit_local without cpus_per_task: every job keeps all cores' threads, and a warning says so
+    monkeypatch.setattr("landmark_unet.launch._launcher_cpus_per_task", lambda: None)
+    monkeypatch.setenv("SUBMITIT_LOCAL_JOB_ID", "123")
+    with caplog.at_level("WARNING", logger="landmark_unet.launch"):
+        assert set_cpu_threads(OmegaConf.create({})) == torch_threads
+    assert "hydra.launcher.cpus_per_task" in caplog.text

@@ -130,10 +130,11 @@ def test_rows_sweep_runs_and_reports(tmp_path):
 
 def test_submitit_local_runs_a_two_job_sweep(tmp_path):
     proc = _multirun(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-                     "data.split.round=0,1")
+                     "hydra.launcher.cpus_per_task=1", "data.split.round=0,1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/metrics.json"))]
     assert len(metrics) == 2
+    assert [m["cpu_threads"] for m in metrics] == [1, 1]  # the jobs run side by side: one core each
     assert {m["overrides"][-1] for m in metrics} == {"data.split.round=0", "data.split.round=1"}
     # rounds test different bodies
     assert set(metrics[0]["test"]["liver"]["per_body"]).isdisjoint(metrics[1]["test"]["liver"]["per_body"])
