@@ -72,6 +72,31 @@ class PerBodyDice(Metric):
         return ids, dice.reshape(len(ids), -1)
 
 
+class VolumeRatio(Metric):
+    """Predicted over true foreground voxels per organ, each summed over every sample of an epoch: 1 is the right
+    volume, below 1 too little, 0 nothing predicted at all (a network whose outputs never cross the threshold).
+
+    ``organs``: K. ``update(pred, target)`` takes binary ``pred`` and ``target`` of shape (B, K, *spatial); ``compute()`` returns
+    (K,) float32, NaN for an organ with no true voxel. Counts are int64 on the device, summed across processes.
+    """
+
+    full_state_update = False
+
+    def __init__(self, organs: int, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("pred", default=torch.zeros(organs, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("true", default=torch.zeros(organs, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        dims = (0, *range(2, pred.ndim))
+        self.pred += pred.bool().sum(dims, dtype=torch.int64)
+        self.true += target.bool().sum(dims, dtype=torch.int64)
+
+    def compute(self) -> torch.Tensor:
+        true = self.true.float()
+        return torch.where(true > 0, self.pred.float() / true.clamp_min(1), torch.full_like(true, float("nan")))
+
+
 class SampleMean(Metric):
     """Mean of per-batch scalars (a batch's mean loss, say) weighted by their batch sizes, over an epoch.
 

@@ -82,11 +82,33 @@ def write_metrics(path: Path | None, model, datamodule, extra: dict) -> dict:
     return metrics
 
 
+def nothing_predicted(history: dict[str, list[float]], epochs: int = 3) -> list[str]:
+    """Warnings for the organs a run predicted nowhere in the validation bodies in each of its last ``epochs``
+    validation epochs (``val/volume_ratio/<organ>`` 0 in :class:`~landmark_unet.lit.callbacks.MetricHistory`'s
+    curves), one line each.
+
+    Such a network keeps every output below the threshold. A small network can learn that and stay there while its
+    loss still falls: the quick configuration's 8-channel U-Net did for 1 seed in 20, its 1 x 1 output weights
+    all negative after ReLU features, so the liver's probability stopped at 0.47 (benchmarks/README.md). Its kept
+    checkpoint is then an early epoch's, and its test Dice reads as a failed setting."""
+    out = []
+    loss = [v for v in history.get("val/loss", []) if v == v]
+    for key, series in history.items():
+        if not key.startswith("val/volume_ratio/") or len(series) < epochs or any(v != 0 for v in series[-epochs:]):
+            continue
+        organ = key.rsplit("/", 1)[1]
+        trend = f"; validation loss {loss[0]:.4g} -> {loss[-1]:.4g}" if len(loss) > 1 else ""
+        out.append(f"{organ}: no voxel predicted in the validation bodies in the last {epochs} epochs{trend}: "
+                   f"the network's outputs stay below the threshold; train it longer, with another seed or a wider "
+                   f"network (model.net.features)")
+    return out
+
+
 def summary_lines(metrics: dict) -> list[str]:
-    """One line per organ: mean and std of the per-body test Dice."""
+    """One line per organ: mean and std of the per-body test Dice; then the run's warnings, one line each."""
     spe = metrics.get("seconds_per_epoch")
     tail = f", {spe:.1f} s/epoch" if isinstance(spe, float) and spe == spe else ""
     return [
         f"{organ:<9} test Dice {m['dice_mean']:.4f} ± {m['dice_std']:.4f} over {len(m['per_body'])} bodies{tail}"
         for organ, m in metrics["test"].items()
-    ]
+    ] + [f"warning: {w}" for w in metrics.get("warnings") or []]

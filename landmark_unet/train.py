@@ -28,7 +28,13 @@ from landmark_unet.launch import check_ddp_launch, in_multirun, job_guard, pin_l
 from landmark_unet.lit.callbacks import EpochSeed, EpochTimer, MetricHistory
 from landmark_unet.postprocess import choose_on_validation
 from landmark_unet.resume import is_done, resolve_start
-from landmark_unet.runinfo import checkpoint_callback, run_overrides, summary_lines, write_metrics
+from landmark_unet.runinfo import (
+    checkpoint_callback,
+    nothing_predicted,
+    run_overrides,
+    summary_lines,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,9 @@ def train(cfg: DictConfig) -> dict:
     )
     trainer.fit(model, datamodule=datamodule, ckpt_path=start.checkpoint, weights_only=True)
     curves = history.history  # testing the best checkpoint below restores that epoch's callback states
+    warnings = nothing_predicted(curves)
+    for warning in warnings if trainer.is_global_zero else []:
+        log.warning(warning)
 
     ckpt = checkpoint_callback(trainer)
     best = ckpt.best_model_path if ckpt is not None and ckpt.best_model_path else None
@@ -89,6 +98,7 @@ def train(cfg: DictConfig) -> dict:
             "precision": str(trainer.precision),
             "cpu_threads": cpu_threads,
             "history": curves,
+            "warnings": warnings,
             "postprocess": postprocess,
             "resumed_from": None if start.checkpoint is None else str(start.checkpoint),
             "data_fingerprint": datamodule.data_fingerprint(),

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torchmetrics.functional.segmentation import dice_score
 
-from landmark_unet.metrics import PerBodyDice, SampleMean, dice_volume, per_body_table
+from landmark_unet.metrics import PerBodyDice, SampleMean, VolumeRatio, dice_volume, per_body_table
+from landmark_unet.runinfo import nothing_predicted
 
 
 def tm_dice(pred: np.ndarray, true: np.ndarray) -> float:
@@ -76,3 +77,35 @@ def test_sample_mean_weights_each_batch_by_its_size():
     assert not mean.update_called
     mean.update(torch.tensor(1.5, requires_grad=True), 2)  # a loss with its graph: only its value is kept
     assert mean.compute().item() == 1.5 and not mean.total.requires_grad
+
+
+def test_volume_ratio_is_predicted_over_true_voxels_per_organ_over_the_epoch():
+    rng = np.random.default_rng(0)
+    ratio = VolumeRatio(3)
+    preds, trues = [], []
+    for n in (4, 2):  # two batches of (B, 3, 6, 5, 4) volumes
+        pred, true = rng.random((n, 3, 6, 5, 4)) > 0.7, rng.random((n, 3, 6, 5, 4)) > 0.6
+        pred[:, 1] = False  # organ 1: nothing predicted
+        true[:, 2] = False  # organ 2: absent
+        ratio.update(torch.from_numpy(pred), torch.from_numpy(true))
+        preds.append(pred)
+        trues.append(true)
+    pred, true = np.concatenate(preds), np.concatenate(trues)
+    out = ratio.compute()
+    assert out[0].item() == pytest.approx(pred[:, 0].sum() / true[:, 0].sum())
+    assert out[1].item() == 0 and torch.isnan(out[2])
+    ratio.reset()
+    ratio.update(torch.ones(1, 3, 2, 2, dtype=torch.bool), torch.ones(1, 3, 2, 2, dtype=torch.bool))
+    assert out.shape == (3,) and ratio.compute().tolist() == [1.0, 1.0, 1.0]  # reset empties the counts
+
+
+def test_nothing_predicted_names_the_organs_empty_in_the_last_epochs():
+    history = {"epoch": [0, 1, 2, 3], "val/loss": [0.5, 0.3, 0.2, 0.1],
+               "val/volume_ratio/liver": [0.2, 0.0, 0.0, 0.0],  # the trap: empty from epoch 1 on
+               "val/volume_ratio/spleen": [0.0, 0.0, 0.0, 0.4],  # empty early, then learnt
+               "val/volume_ratio/bladder": [float("nan")] * 4}  # absent from the validation bodies
+    warnings = nothing_predicted(history)
+    assert len(warnings) == 1 and warnings[0].startswith("liver: no voxel predicted")
+    assert "validation loss 0.5 -> 0.1" in warnings[0]
+    assert nothing_predicted(history, epochs=4) == []  # liver predicted something in epoch 0
+    assert nothing_predicted({"epoch": [0, 1], "val/volume_ratio/liver": [0.0, 0.0]}) == []  # too short to tell

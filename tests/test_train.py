@@ -10,6 +10,7 @@ import torch
 from conftest import compose_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from landmark_unet.runinfo import summary_lines
 from landmark_unet.train import train
 
 TINY = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
@@ -56,13 +57,15 @@ def test_run_directory(tiny_run):
     history = on_disk["history"]  # the validation curves of the report, one value per epoch, in step
     assert history["epoch"] == [0, 1]
     assert all(0 <= v <= 1 for v in history["val/dice/liver"])
+    assert all(v >= 0 for v in history["val/volume_ratio/liver"]) and on_disk["warnings"] == []
     assert on_disk["best_val_dice_mean"] == pytest.approx(max(history["val/dice_mean"]))
 
 
 def test_tensorboard_tags(tiny_run):
     tmp, _, _ = tiny_run
     tags = tensorboard_tags(tmp / "run" / "tb")
-    assert {"val/dice/liver", "val/dice_mean", "train/loss", "val/loss", "test/dice/liver"} <= tags["scalars"]
+    assert {"val/dice/liver", "val/dice_mean", "val/volume_ratio/liver", "train/loss", "val/loss",
+            "test/dice/liver"} <= tags["scalars"]
     assert "val/panel" in tags["images"]
 
 
@@ -119,6 +122,18 @@ def test_evaluate_rescores_the_checkpoint(tiny_run, tmp_path):
     per_case = {r["case"]: r["dice"] for r in summary["metric_per_case"] if r["organ"] == "liver"}
     assert per_case == pytest.approx(metrics["test"]["liver"]["per_body"], abs=1e-6)
     assert {"hd95_mm", "nsd", "volume_diff_ml"} <= set(summary["mean"]["liver"])
+
+
+def test_a_network_that_predicts_nothing_is_warned_about(tmp_path):
+    """A threshold no probability exceeds stands in for a network whose outputs never cross 0.5 (the trap the quick
+    network fell into for one seed in 20): validation sees no predicted voxel, and the run says so."""
+    cfg = compose_train(TINY + ["trainer.max_epochs=3", "model.threshold=1.0"], tmp_path)
+    metrics = train(cfg)
+    assert metrics["history"]["val/volume_ratio/liver"] == [0.0, 0.0, 0.0]
+    assert len(metrics["warnings"]) == 1 and metrics["warnings"][0].startswith("liver: no voxel predicted")
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert on_disk["warnings"] == metrics["warnings"]
+    assert summary_lines(metrics)[-1] == f"warning: {metrics['warnings'][0]}"
 
 
 @pytest.mark.parametrize("fusion,landmarks", [("early", "manhattan"), ("late", "gaussian")])

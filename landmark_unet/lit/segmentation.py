@@ -12,7 +12,7 @@ from landmark_unet.data.augment import AffineAugment
 from landmark_unet.errors import InputError
 from landmark_unet.heads import check_head, organ_masks, probabilities
 from landmark_unet.losses import BCELoss, deep_supervision_loss
-from landmark_unet.metrics import PerBodyDice, SampleMean
+from landmark_unet.metrics import PerBodyDice, SampleMean, VolumeRatio
 from landmark_unet.models.blocks import norms_in_fp32
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -122,6 +122,7 @@ class SegmentationModule(pl.LightningModule):
         if compile:
             self.net.compile(**compile_options(compile))
         self.val_dice = PerBodyDice()
+        self.val_volume = VolumeRatio(len(self.organs))  # predicted / true voxels: 0 = nothing crosses the threshold
         self.test_dice = PerBodyDice()
         self.train_loss = SampleMean()  # logged once an epoch: no per-step logging
         self.val_loss = SampleMean()
@@ -176,14 +177,19 @@ class SegmentationModule(pl.LightningModule):
         prob = stitch(self, batch["image"][0], None if distance is None else distance[0], precision=precision,
                       head=self.head, **window_settings(self))  # (K, Z, X, Y)
         masks = organ_masks(prob, self.head, self.threshold, dim=0).transpose(0, 1)  # (Z, K, X, Y)
-        mask = batch["mask"][0]
-        metric.update(masks, mask > 0.5, batch["subject"].expand(len(mask)))
+        mask = batch["mask"][0] > 0.5
+        metric.update(masks, mask, batch["subject"].expand(len(mask)))
+        if metric is self.val_dice:
+            self.val_volume.update(masks, mask)
 
     def _evaluate(self, batch: dict, metric: PerBodyDice) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["image"], batch.get("distance"))
         valid = valid_region(batch["size"], logits.shape)
         prob = probabilities(logits, self.head) * valid  # (B, K, H, W)
-        metric.update(organ_masks(prob, self.head, self.threshold), batch["mask"] > 0.5, batch["subject"])
+        masks, target = organ_masks(prob, self.head, self.threshold), batch["mask"] > 0.5
+        metric.update(masks, target, batch["subject"])
+        if metric is self.val_dice:
+            self.val_volume.update(masks, target)
         return logits, prob
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -207,8 +213,11 @@ class SegmentationModule(pl.LightningModule):
             self.log("val/loss", self.val_loss.compute())
         self.val_loss.reset()
         means = dice.mean(dim=0)
-        for organ, value in zip(self.organs, means):
+        volume = self.val_volume.compute().reshape(-1)  # (K,): torchmetrics squeezes a one-organ result
+        self.val_volume.reset()
+        for organ, value, ratio in zip(self.organs, means, volume):
             self.log(f"val/dice/{organ}", value.float())
+            self.log(f"val/volume_ratio/{organ}", ratio)
         self.log("val/dice_mean", means.mean().float(), prog_bar=True)
         self._log_panel()
 
