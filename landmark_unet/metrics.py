@@ -76,8 +76,9 @@ class VolumeRatio(Metric):
     """Predicted over true foreground voxels per organ, each summed over every sample of an epoch: 1 is the right
     volume, below 1 too little, 0 nothing predicted at all (a network whose outputs never cross the threshold).
 
-    ``organs``: K. ``update(pred, target)`` takes binary ``pred`` and ``target`` of shape (B, K, *spatial); ``compute()`` returns
-    (K,) float32, NaN for an organ with no true voxel. Counts are int64 on the device, summed across processes.
+    ``organs``: K. ``update(pred, target)`` takes binary ``pred`` and ``target`` of shape (B, K, *spatial);
+    ``compute()`` returns (K,) float32, NaN for an organ with no true voxel. Counts are int64 on the device (no host
+    read in a step), summed across processes.
     """
 
     full_state_update = False
