@@ -261,8 +261,19 @@ def remove_stale_builds(cache_dir: Path) -> list[Path]:
     return stale
 
 
+def mark_used(folder: Path) -> None:
+    """Set a cache folder's modification time to now: when a run last used it, which ``python -m
+    landmark_unet.prune_cache`` reads. Best effort: a cache shared read-only is left as it is."""
+    try:
+        os.utime(folder)
+    except OSError:
+        pass
+
+
 def load_entry(path: Path) -> CacheEntry:
-    return CacheEntry(path=path, meta=json.loads((path / "meta.json").read_text()))
+    entry = CacheEntry(path=path, meta=json.loads((path / "meta.json").read_text()))
+    mark_used(path)
+    return entry
 
 
 @dataclass(frozen=True)

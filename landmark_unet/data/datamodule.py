@@ -26,6 +26,7 @@ from landmark_unet.data.cache import (
     CacheJob,
     build_cache,
     ensure_distance_maps,
+    mark_used,
     resolve_normalisation,
 )
 from landmark_unet.data.device_slices import DeviceSlices, SliceRows
@@ -67,6 +68,7 @@ def phantom_root(cache_dir: str | Path, phantom: dict) -> Path:
 def ensure_phantom(root: Path, phantom: dict) -> Path:
     """Generate the phantom into ``root`` unless a complete one (``phantom.json`` present) is already there."""
     if (root / "phantom.json").exists():
+        mark_used(root)
         return root
     from landmark_unet.data.phantom import PhantomConfig, generate_dataset
 
