@@ -5,11 +5,12 @@ The cache (``paths.cache_dir``) holds one folder per generated phantom (``phanto
 preprocessed subject and fingerprint (``subjects/<subject>-<fingerprint>/``). A changed source file, phantom
 setting or preprocessing setting gives new folders and leaves the old ones behind: 50 full-size subjects take
 about 4 GB a setting (images and labels). Every run that reads a folder sets its modification time
-(:func:`landmark_unet.data.cache.mark_used`), so that time is its last use. Pruning removes the folders unused for
-``older_than_days``, then, with ``max_gib``, the least recently used until the rest fits; a folder used in the
-last ``keep_hours`` is never removed (a running sweep reads its subjects all the time). A folder is first renamed
-to a hidden temporary name, so no reader ever sees it half-removed; one left by a killed prune is removed by the
-next.
+(:func:`landmark_unet.data.cache.mark_used`), so that time is its last use. Pruning removes the
+folders unused for ``older_than_days``, then, with ``max_gib``, the least recently used until the rest fits; a
+folder used in the last ``keep_hours`` is never removed. A run marks its folders when it starts, not while it
+trains, so ``keep_hours`` must exceed the longest run still training (a removed folder would stop it). A folder is
+first renamed to a hidden temporary name, so no reader ever sees it half-removed; one left by a killed prune is
+removed by the next.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def remove_folder(folder: Path) -> None:
 
 
 def prune_cache(cache_dir: str | Path, older_than_days: float | None = 30, max_gib: float | None = None,
-                keep_hours: float = 1, dry_run: bool = False, now: float | None = None
+                keep_hours: float = 24, dry_run: bool = False, now: float | None = None
                 ) -> tuple[list[CacheFolder], list[CacheFolder]]:
     """Remove the folders :func:`choose` picks (none with ``dry_run``); returns (removed, kept).
 
