@@ -10,10 +10,12 @@
    weights for both precisions); the mean per-body test Dice of each precision and seed over every test body of
    every round; the bf16 - fp32 difference paired by run, its mean with a 95 % t-interval over the seeds (target:
    within 0.01); and the fp32 seed-to-seed SD, the training noise the precision's effect must be told from. That
-   noise sets the seeds: 10 seeds (50 pairs, about an hour on 2 CPU cores) left the interval +-0.014 wide and 20
-   seeds +-0.008, the per-run differences being heavy-tailed (one atypical test body that models of either
-   precision sometimes miss, one seed that trains badly in both; benchmarks/README.md). The runs are
-   deterministic, so a later sweep of more seeds (``--first-seed 10``) joins an earlier one through ``--combine``.
+   noise sets the seeds: 10 seeds (50 pairs, about an hour on 2 CPU cores) left the interval +-0.014 wide, 20
+   seeds +-0.008 and 42 seeds +-0.004, the per-run differences being heavy-tailed (one atypical test body that
+   models of either precision sometimes miss, seeds that train badly in both; benchmarks/README.md). The runs
+   are deterministic in one install, and each seed's fp32 and bf16 runs are paired, so a later sweep of more
+   seeds (``--first-seed 10``) joins an earlier one through ``--combine``, even from another install (whose
+   library versions can give other trajectories: session 12's fresh install did).
    ``experiment=quick`` trains 6 epochs, too few to converge; 20 epochs (the default here) converge. At quick size the network is 8 channels wide: too small for bf16 to be faster, so no
    speed is claimed here (bench_train and bench_step measure speed at the study's size).
 """
