@@ -101,6 +101,25 @@ def _norm(norm: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {norm!r} (choose from {', '.join(NORMS)})")
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that steps around a PyTorch CPU bug: under bf16 autocast, oneDNN's weight gradient of a
+    3 x 3 x 3, stride-1, padding-1 convolution of an input only 2 voxels deep is wrong (relative error about 1 against
+    fp32, sometimes inf or NaN, for every channel count and both memory formats; torch 2.13.0+cpu, measured in
+    tests/test_unet3d_full.py). A U-Net level that deep gets there when a patch's depth runs out before its pools do.
+    Such a convolution (small: it is at the bottom of the U-Net) runs in fp32 on a CPU while gradients are on;
+    everything else, and every device other than the CPU, is ``nn.Conv3d``.
+
+    Shapes: as ``nn.Conv3d``; its output is fp32 where it steps around the bug (the next layer casts as usual)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.shape[-3] == 2 and torch.is_grad_enabled()
+                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and self.kernel_size[0] == 3 and self.stride[0] == 1 and self.padding[0] == 1):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 class ConvBlock3d(nn.Sequential):
     """(3x3x3 conv, norm, LeakyReLU(0.01)) x 2, zero padding; the first convolution may be strided (pooling).
 
@@ -109,10 +128,10 @@ class ConvBlock3d(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, norm: str = "instance", stride: Kernel = (1, 1, 1)):
         super().__init__(
-            nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
             _norm(norm, out_channels),
             nn.LeakyReLU(0.01, inplace=True),
-            nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
+            Conv3d(out_channels, out_channels, 3, padding=1, bias=False),
             _norm(norm, out_channels),
             nn.LeakyReLU(0.01, inplace=True),
         )
