@@ -265,7 +265,6 @@ CASES = [
          ("model.compile", "fast", "reduce-overhead")),
     Case("config-reuse-host-memory-not-a-bool", "train", nothing, (*FOLDER, "reuse_host_memory=sometimes"),
          ("reuse_host_memory", "sometimes", "true or false")),
-    Case("config-cpu-threads-zero", "train", nothing, (*FOLDER, "cpu_threads=0"), ("cpu_threads", "0", ">= 1")),
     Case("config-reuse-host-memory-not-a-bool-predict", "predict", nothing,
          ("ckpt={ckpt}", "input={subject}", "reuse_host_memory=2"), ("reuse_host_memory", "2", "true or false")),
     # checkpoints

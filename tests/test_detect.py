@@ -54,10 +54,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 # ----------------------------------------------------------------------------------------------------- phantom
 
 
-def test_phantom_fat_channel_20_subjects():
+@pytest.mark.parametrize("subjects", [8, pytest.param(20, marks=pytest.mark.slow)])
+def test_phantom_fat_channel_subjects(subjects):
     cfg = PhantomConfig(shape=PHANTOM_SHAPE)
     errs, conf = [], []
-    for i in range(20):
+    for i in range(subjects):
         s = generate_subject(0, i, cfg)
         det = detect_hips(s.fat, s.affine, modality="mri-fat")
         errs.append(errors_mm(det, world(s.landmarks, s.affine)))

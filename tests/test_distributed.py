@@ -10,6 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from landmark_unet.data.slices import EvalShardSampler
+from landmark_unet.errors import InputError
 from landmark_unet.launch import pin_local_job_gpu, set_cpu_threads
 
 
@@ -97,3 +98,6 @@ def test_cpu_threads_set_from_the_config_or_the_launcher(monkeypatch, caplog, to
     with caplog.at_level("WARNING", logger="landmark_unet.launch"):
         assert set_cpu_threads(OmegaConf.create({})) == torch_threads
     assert "hydra.launcher.cpus_per_task" in caplog.text
+    for bad in (0, -2, 1.5, True, "four"):
+        with pytest.raises(InputError, match=f"cpu_threads: must be null or a whole number >= 1, got {bad!r}"):
+            set_cpu_threads(OmegaConf.create({"cpu_threads": bad}))
