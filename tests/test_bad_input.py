@@ -343,7 +343,14 @@ def test_the_unbroken_inputs_go_through(trained, tmp_path):
     assert "liver" in (tmp_path / "rep" / "report.md").read_text()
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+# config keys the train entry checks before it reads anything: in make test in-process (below, a second each), their
+# command lines in make test-slow (5-7 s each, nearly all of it importing Lightning); every other case runs its
+# command line in make test, so the one-line error and exit code 2 are checked there
+CONFIG_CASES = [c for c in CASES if c.id.startswith("config-") and c.entry == "train"]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=(*c.marks, *([pytest.mark.slow] if c in CONFIG_CASES
+                                                                               else []))) for c in CASES])
 def test_bad_input_stops_cleanly(case: Case, tmp_path: Path, request):
     needs_run = any("{ckpt}" in o for o in case.overrides)
     world = make_world(tmp_path, request.getfixturevalue("trained") if needs_run else None)
@@ -352,3 +359,24 @@ def test_bad_input_stops_cleanly(case: Case, tmp_path: Path, request):
     args = [a.format(**world.fields()) for a in (*base, *case.overrides)]
     proc = run_cli(module, args, tmp_path)
     assert_clean_failure(proc, *case.needles, tmp_path=tmp_path, forbidden=outputs)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CONFIG_CASES])
+def test_bad_config_stops_training_before_anything_is_written(case: Case, tmp_path: Path):
+    """The config cases through ``train(cfg)`` in this process: the error is an InputError naming the key (what
+    the command line prints as its one line), and the run folder gets no output."""
+    from landmark_unet.errors import input_error_of
+    from landmark_unet.train import train
+
+    world = make_world(tmp_path, None)
+    case.build(world)
+    _, base, outputs = ENTRY_POINTS["train"]
+    args = [a.format(**world.fields()) for a in (*base, *case.overrides) if not a.startswith("hydra.")]
+    with pytest.raises(Exception) as info:
+        train(compose_train(args, tmp_path))
+    bad = input_error_of(info.value)
+    assert bad is not None, f"not an input error: {info.value!r}"
+    for needle in case.needles:
+        assert needle in str(bad), f"{needle!r} not in {str(bad)!r}"
+    for pattern in outputs:
+        assert not list(tmp_path.glob(pattern)), f"{pattern} was written"
