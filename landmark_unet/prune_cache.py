@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from landmark_unet.data.cache import remove_stale_builds
+from landmark_unet.data.cache import remove_stale_builds, temporary_name
 from landmark_unet.errors import InputError, exit_on_input_error
 
 GIB = 1024**3
@@ -75,7 +74,7 @@ def choose(folders: list[CacheFolder], now: float, older_than_days: float | None
 def remove_folder(folder: Path) -> None:
     """Rename ``folder`` to ``.<name>.tmp-<pid>@<host>`` (what a killed cache build leaves, and what
     :func:`remove_stale_builds` removes), then remove it."""
-    hidden = folder.parent / f".{folder.name}.tmp-{os.getpid()}@{socket.gethostname()}"
+    hidden = temporary_name(folder)
     os.rename(folder, hidden)
     shutil.rmtree(hidden)
 

@@ -192,10 +192,16 @@ def pack_labels(subject: Subject) -> np.ndarray:
     return np.ascontiguousarray(packed.transpose(2, 0, 1))
 
 
+def temporary_name(final: Path) -> Path:
+    """The hidden name a cache folder is built (or removed) under, ``.<name>.tmp-<pid>@<host>``: what
+    :func:`remove_stale_builds` recognises once its process is gone."""
+    return final.parent / f".{final.name}.tmp-{os.getpid()}@{socket.gethostname()}"
+
+
 def write_entry(subject: Subject, final: Path, normalisation: str, fp: str,
                 ct_window: Sequence[float] = CT_WINDOW) -> CacheEntry:
     """Preprocess ``subject`` and write its cache folder atomically to ``final``."""
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}@{socket.gethostname()}"
+    tmp = temporary_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

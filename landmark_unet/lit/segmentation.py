@@ -178,19 +178,21 @@ class SegmentationModule(pl.LightningModule):
                       head=self.head, **window_settings(self))  # (K, Z, X, Y)
         masks = organ_masks(prob, self.head, self.threshold, dim=0).transpose(0, 1)  # (Z, K, X, Y)
         mask = batch["mask"][0] > 0.5
-        metric.update(masks, mask, batch["subject"].expand(len(mask)))
-        if metric is self.val_dice:
-            self.val_volume.update(masks, mask)
+        self._score(metric, masks, mask, batch["subject"].expand(len(mask)))
 
     def _evaluate(self, batch: dict, metric: PerBodyDice) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["image"], batch.get("distance"))
         valid = valid_region(batch["size"], logits.shape)
         prob = probabilities(logits, self.head) * valid  # (B, K, H, W)
-        masks, target = organ_masks(prob, self.head, self.threshold), batch["mask"] > 0.5
-        metric.update(masks, target, batch["subject"])
+        self._score(metric, organ_masks(prob, self.head, self.threshold), batch["mask"] > 0.5, batch["subject"])
+        return logits, prob
+
+    def _score(self, metric: PerBodyDice, masks: torch.Tensor, target: torch.Tensor, subject: torch.Tensor) -> None:
+        """Add binary masks and targets (N, K, ...) of bodies ``subject`` (N,) to ``metric``; in validation also
+        to the predicted-volume ratio."""
+        metric.update(masks, target, subject)
         if metric is self.val_dice:
             self.val_volume.update(masks, target)
-        return logits, prob
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.sliding_window:
