@@ -19,6 +19,10 @@ figures (loader, Lightning) are read. Variants, side by side and alternating ove
   CPU only: :class:`~landmark_unet.models.blocks.UpConv2x2`);
 - ``eager_relu_in_place``: eager with every ReLU in place on a CPU in bf16 too (by default there it writes a new
   tensor: :class:`~landmark_unet.models.blocks.ReLU`);
+- ``eager_compiled_optimizer``: eager, with the optimiser's update compiled (``model.compile_optimizer``:
+  :func:`~landmark_unet.lit.optimizer.compile_step`; it compiles at the first two steps, both before the timing);
+- ``eager_split_norm_relu``: eager with every BatchNorm and the ReLU after it as one autograd function of four
+  loops compiled by Inductor (:class:`benchmarks.bench_norm_relu.SplitNormReLU`; measured, not shipped);
 - ``eager_norm_fp32``: eager with every BatchNorm (and the ReLU after it) in fp32 under mixed precision
   (``model.norm_fp32=true``);
 - ``eager_release_memory``: eager with glibc's default of giving large freed blocks back to the system
@@ -46,20 +50,25 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.bench_norm_relu import split_norm_relu
 from benchmarks.bench_train import Marks, rmsprop, step_flops, study_module
 from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, median
 from landmark_unet import host_memory
+from landmark_unet.lit.optimizer import compile_step
 from landmark_unet.models.blocks import ReLU, UpConv2x2, norms_in_fp32
 from landmark_unet.models.unet2d import UNet2d
 
 
 def study_step(batch: int, precision: str, dev: torch.device, graph: bool = False, compile: bool = False,
-               upconv_as_matrix_product: bool | None = None, norm_fp32: bool = False):
+               upconv_as_matrix_product: bool | None = None, norm_fp32: bool = False,
+               compile_optimizer: bool = False, split_norm: bool = False):
     """A zero-argument function running one training step of a fresh study network on a fixed random batch
     (B, 2, 256, 256); with ``graph`` the step is captured as a CUDA graph and the function replays it; with
     ``compile`` the network is compiled by ``torch.compile`` (default mode) first; ``upconv_as_matrix_product``:
     how its up-convolutions run (:class:`UpConv2x2`; None: as in training, a matrix product on the CPU only);
-    ``norm_fp32``: BatchNorm in fp32 under mixed precision (``model.norm_fp32``, :func:`norms_in_fp32`)."""
+    ``norm_fp32``: BatchNorm in fp32 under mixed precision (``model.norm_fp32``, :func:`norms_in_fp32`);
+    ``compile_optimizer``: the optimiser's update compiled (:func:`compile_step`; not with ``graph``);
+    ``split_norm``: BatchNorm + ReLU as :class:`~benchmarks.bench_norm_relu.SplitNormReLU`."""
     torch.manual_seed(0)
     net = UNet2d(2, 1).to(dev).to(memory_format=torch.channels_last).train()
     for m in net.modules():
@@ -67,9 +76,13 @@ def study_step(batch: int, precision: str, dev: torch.device, graph: bool = Fals
             m.as_matrix_product = upconv_as_matrix_product
     if norm_fp32:
         norms_in_fp32(net)
+    if split_norm:
+        split_norm_relu(net)
     if compile:
         net.compile()
     opt = rmsprop()(net.parameters(), capturable=graph)
+    if compile_optimizer:
+        compile_step(opt)
     x = torch.randn(batch, 2, 256, 256, device=dev).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, 1, 256, 256, device=dev) > 0.5).float()
     dtype = PEAK_DTYPE[precision]
@@ -216,7 +229,8 @@ def profile_cpu(step, flops: float, peak: float, steps: int = 3) -> dict:
 
 
 VARIANTS = ("eager", "eager_cudnn_benchmark", "graph", "compiled", "compiled_graph", "eager_release_memory",
-            "eager_transposed_conv", "eager_upconv_matrix_product", "eager_relu_in_place", "eager_norm_fp32")
+            "eager_transposed_conv", "eager_upconv_matrix_product", "eager_relu_in_place", "eager_norm_fp32",
+            "eager_compiled_optimizer", "eager_split_norm_relu")
 
 
 def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str = "bf16-mixed",
@@ -238,7 +252,9 @@ def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str =
                     step = study_step(b, precision, dev, graph=v.endswith("graph"), compile=v.startswith("compiled"),
                                       upconv_as_matrix_product={"eager_transposed_conv": False,
                                                                 "eager_upconv_matrix_product": True}.get(v),
-                                      norm_fp32=v == "eager_norm_fp32")
+                                      norm_fp32=v == "eager_norm_fp32",
+                                      compile_optimizer=v == "eager_compiled_optimizer",
+                                      split_norm=v == "eager_split_norm_relu")
                     step()  # compiles a compiled variant
                     out.setdefault(f"first_step_seconds_{v}_b{b}", time.perf_counter() - t0)
                     seconds, step_faults, step_system = time_steps(step, steps, dev)

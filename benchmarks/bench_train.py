@@ -4,7 +4,7 @@ FLOP utilisation, time waiting for data, and seconds per epoch against the study
     python -m benchmarks.bench_train [--steps 3] [--rounds 2] [--subjects 50] [--workers 2] [--no-compile]
                                      [--compile-precisions 32-true,bf16-mixed] [--no-multitask] [--on-device]
                                      [--precisions 32-true,bf16-mixed,16-mixed] [--diagnose]
-                                     [--compile-mode reduce-overhead]
+                                     [--compile-mode reduce-overhead] [--compile-optimizer]
 
 Setting (the study's section 3.4): classic U-Net 64-1024 (channels-last, as the model configs set it), batch 10 of
 2 x 256 x 256 fat + water slices of the full-size phantom through the real DataModule and DataLoader (2 workers),
@@ -28,7 +28,9 @@ from ``data.on_device`` (slices gathered in the device's memory, the loader carr
   170 s multi-task on a GTX 1080) at the measured Lightning step time; the multi-task network (fat only, five heads)
   is timed the same way in bf16-mixed (fp32 on a GPU as well).
 - **torch.compile** (``model.compile=true``, or ``--compile-mode``): Lightning arm of the compiled network, after
-  the others, then the plain loop with the same compiled network.
+  the others, then the plain loop with the same compiled network; with ``--compile-optimizer`` both of these arms
+  also compile the optimiser's update (``model.compile_optimizer``; it compiles at their first two steps, so the
+  second step of each arm is slow and the median keeps it out).
 - **cuDNN autotuner** (GPU only): the bf16-mixed Lightning arm again with ``trainer.benchmark=true``
   (``torch.backends.cudnn.benchmark``), interleaved with the plain arm; ``cudnn_benchmark_speedup``.
 """
@@ -52,6 +54,7 @@ from benchmarks.common import PEAK_DTYPE, device, device_name, full_size_datamod
 from landmark_unet import host_memory
 from landmark_unet.config import quiet_third_party
 from landmark_unet.inference import autocast
+from landmark_unet.lit.optimizer import compile_step
 from landmark_unet.lit.segmentation import COMPILE_MODES, SegmentationModule
 from landmark_unet.models.multitask import UNet2dMultiTask
 from landmark_unet.models.unet2d import UNet2d
@@ -64,11 +67,13 @@ def rmsprop():
     return functools.partial(torch.optim.RMSprop, lr=1e-5, weight_decay=1e-8, momentum=0.9)
 
 
-def study_module(multitask: bool = False, compile: bool | str = False) -> SegmentationModule:
+def study_module(multitask: bool = False, compile: bool | str = False,
+                 compile_optimizer: bool = False) -> SegmentationModule:
     torch.manual_seed(0)
     net = UNet2dMultiTask(1, 5) if multitask else UNet2d(2, 1)
     organs = ["liver", "kidneys", "pancreas", "spleen", "bladder"] if multitask else ["liver"]
-    return SegmentationModule(net, organs, rmsprop(), channels_last=True, compile=compile)
+    return SegmentationModule(net, organs, rmsprop(), channels_last=True, compile=compile,
+                              compile_optimizer=compile_optimizer)
 
 
 class Marks:
@@ -153,6 +158,8 @@ def plain_arm(module: SegmentationModule, dm, precision: str, steps: int, dev: t
     """Step times (s) of the same work in a hand-written loop, after one dropped step."""
     net = module.net.to(dev).train()
     optimizer = rmsprop()(net.parameters())
+    if module.compile_optimizer:  # as the module's configure_optimizers does
+        compile_step(optimizer)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "16-mixed")
     batches = itertools.chain.from_iterable(itertools.repeat(dm.train_dataloader()))  # epochs, end to end
     clock = Marks(dev)
@@ -228,7 +235,7 @@ def step_flops(module: SegmentationModule, dev: torch.device, channels: int, bat
 
 def run(steps: int = 3, rounds: int = 2, compile: bool | str = True, multitask: bool = True, subjects: int = 50,
         workers: int = 2, compile_precisions: list[str] | None = None, on_device: bool = False,
-        precisions: list[str] | None = None, diagnose_host: bool = False) -> dict:
+        precisions: list[str] | None = None, diagnose_host: bool = False, compile_optimizer: bool = False) -> dict:
     quiet_third_party()
     host_memory.reuse_freed_memory(True)  # as the entry points run (reuse_host_memory=true)
     dev = device()
@@ -296,7 +303,8 @@ def run(steps: int = 3, rounds: int = 2, compile: bool | str = True, multitask: 
 
     if compile:
         out["compile_mode"] = compile if isinstance(compile, str) else "default"
-        compiled = study_module(compile=compile)
+        out["compile_optimizer"] = compile_optimizer
+        compiled = study_module(compile=compile, compile_optimizer=compile_optimizer)
         for p in compile_precisions or precisions:
             t0 = time.perf_counter()
             try:
@@ -339,6 +347,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode of the compiled arms")
     ap.add_argument("--compile-precisions", help="comma-separated; default: every precision of the run")
+    ap.add_argument("--compile-optimizer", action="store_true",
+                    help="the compiled arms also compile the optimiser's update (model.compile_optimizer)")
     ap.add_argument("--no-multitask", action="store_true")
     ap.add_argument("--on-device", action="store_true", help="data.on_device: batches gathered on the device")
     ap.add_argument("--precisions", help="comma-separated, fp32 and bf16-mixed first; default: 32-true,bf16-mixed "
@@ -350,7 +360,8 @@ def main() -> None:
     compile = False if args.no_compile else (args.compile_mode or True)
     print(json.dumps(run(args.steps, args.rounds, compile, not args.no_multitask, args.subjects,
                          args.workers, compile_precisions, args.on_device,
-                         args.precisions.split(",") if args.precisions else None, args.diagnose), indent=2))
+                         args.precisions.split(",") if args.precisions else None, args.diagnose,
+                         args.compile_optimizer), indent=2))
 
 
 if __name__ == "__main__":

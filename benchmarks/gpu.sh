@@ -41,6 +41,7 @@ bench() {  # bench NAME LOG SECONDS ARGS...: one benchmark module under a time l
 #   train_diagnose   bench_train --diagnose, bf16, data.on_device: synchronising calls and cProfile of both arms
 #   train_compiled   bench_train with data.on_device, bf16 only, with the compiled network's Lightning arm
 #   train_reduce_overhead  the same in 3 rounds, compiled with mode reduce-overhead (CUDA graphs)
+#   train_reduce_overhead_optimizer  the same with the optimiser's update compiled too (model.compile_optimizer)
 #   train_on_device  bench_train with data.on_device (slices gathered in the GPU's memory), fp32 / bf16 / fp16
 #   train            bench_train with the host loader, plus torch.compile (bf16) and the multi-task network
 #   train_host       bench_train with the host loader, fp32 and bf16 only, no compile or multi-task (shorter)
@@ -61,6 +62,9 @@ for item in $PLAN; do
     train_reduce_overhead) bench bench_train train_reduce_overhead 200 --subjects "$SUBJECTS" --workers "$WORKERS" \
         --steps "$STEPS" --rounds 3 --no-multitask --on-device --precisions bf16-mixed \
         --compile-precisions bf16-mixed --compile-mode reduce-overhead ;;
+    train_reduce_overhead_optimizer) bench bench_train train_reduce_overhead_optimizer 230 --subjects "$SUBJECTS" \
+        --workers "$WORKERS" --steps "$STEPS" --rounds 3 --no-multitask --on-device --precisions bf16-mixed \
+        --compile-precisions bf16-mixed --compile-mode reduce-overhead --compile-optimizer ;;
     train_on_device) bench bench_train train_on_device 240 --subjects "$SUBJECTS" --workers "$WORKERS" \
         --steps "$STEPS" --rounds "$ROUNDS" --no-compile --no-multitask --on-device ;;
     train) bench bench_train train 380 --subjects "$SUBJECTS" --workers "$WORKERS" --steps "$STEPS" \

@@ -11,6 +11,7 @@ from torch import nn
 from landmark_unet.data.augment import AffineAugment
 from landmark_unet.errors import InputError
 from landmark_unet.heads import check_head, organ_masks, probabilities
+from landmark_unet.lit.optimizer import compile_step
 from landmark_unet.losses import BCELoss, deep_supervision_loss
 from landmark_unet.metrics import PerBodyDice, SampleMean, VolumeRatio
 from landmark_unet.models.blocks import norms_in_fp32
@@ -84,6 +85,9 @@ class SegmentationModule(pl.LightningModule):
             benchmarks/README.md). Costs a minute or so of compilation at the first step.
         norm_fp32: under bf16 / fp16 mixed precision, compute every BatchNorm / InstanceNorm (and the ReLU after
             it) in fp32 (:func:`~landmark_unet.models.blocks.norms_in_fp32`); no effect in fp32.
+        compile_optimizer: run the optimiser's update as code compiled by ``torch.compile``
+            (:func:`~landmark_unet.lit.optimizer.compile_step`: fused passes over the parameters instead of one per
+            operation; its learning rates become tensors). Compiles at the first two steps.
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class SegmentationModule(pl.LightningModule):
         head: str = "sigmoid",
         sliding_window: dict | None = None,
         norm_fp32: bool = False,
+        compile_optimizer: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "loss"])
@@ -113,6 +118,7 @@ class SegmentationModule(pl.LightningModule):
         self.loss_fn = loss if loss is not None else BCELoss()
         self.augment = AffineAugment(**(augmentation or {}))
         self.channels_last = channels_last
+        self.compile_optimizer = compile_optimizer
         if channels_last:
             for m in self.net.modules():  # 4D weights only: a depth-5 stem's 3D convolutions stay as they are
                 if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -256,6 +262,8 @@ class SegmentationModule(pl.LightningModule):
     # -- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())
+        if self.compile_optimizer:
+            compile_step(optimizer)  # before the scheduler, which wraps the step it finds
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),

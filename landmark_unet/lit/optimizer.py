@@ -1,0 +1,48 @@
+"""The optimiser's update compiled by ``torch.compile`` (``model.compile_optimizer``).
+
+An eager ``torch.optim`` step runs each of its operations as a separate pass over all the parameters (RMSprop with
+momentum and weight decay: about eight passes over the study network's 31 M parameters and their state). Compiled,
+the update becomes a few fused loops (Inductor's C++ on a CPU, Triton on a GPU) that read each parameter, gradient
+and state tensor once. On this project's 2-core CPU the study's RMSprop update took 51 ms eager and 17 ms compiled
+(the same parameters to 1e-8 after three steps); on the H200 the eager update was 0.72 ms of a 9.87 ms compiled
+training step (``benchmarks/README.md``).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+import torch
+
+
+def compile_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make ``optimizer.step`` run its parameter update as code compiled by ``torch.compile``; returns ``optimizer``.
+
+    - Each parameter group's learning rate becomes a 0-dim fp32 tensor on the CPU, so that a scheduler changing it
+      (``StepLR``, ``PolynomialLR``: they update a tensor rate in place) does not recompile the update; the
+      optimiser's state dict then holds that tensor, which an eager optimiser also accepts.
+    - A closure (Lightning passes one that runs the forward and backward) is evaluated eagerly first, with
+      gradients enabled, as ``torch.optim`` does; only the update is compiled.
+    - The first call compiles for the optimiser's empty state, the second once more with its state; later calls
+      reuse that code.
+
+    Patches the optimiser instance's ``step`` (a bound method, as an LR scheduler expects when it wraps it again);
+    its class and every other method stay ``torch.optim``'s.
+    """
+    for group in optimizer.param_groups:
+        if not torch.is_tensor(group["lr"]):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
+    update = torch.compile(optimizer.step)  # the eager bound method, always called without a closure
+
+    def step(self: torch.optim.Optimizer, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        update()
+        return loss
+
+    optimizer.step = types.MethodType(step, optimizer)
+    optimizer.step_is_compiled = True  # for tests and run records
+    return optimizer
