@@ -3,9 +3,12 @@
 An eager ``torch.optim`` step runs each of its operations as a separate pass over all the parameters (RMSprop with
 momentum and weight decay: about eight passes over the study network's 31 M parameters and their state). Compiled,
 the update becomes a few fused loops (Inductor's C++ on a CPU, Triton on a GPU) that read each parameter, gradient
-and state tensor once. On this project's 2-core CPU the study's RMSprop update took 51 ms eager and 17 ms compiled
-(the same parameters to 1e-8 after three steps); on the H200 the eager update was 0.72 ms of a 9.87 ms compiled
-training step (``benchmarks/README.md``).
+and state tensor once. On a 2-core AMD EPYC the study's RMSprop update took 51 ms eager and 17 ms compiled (the
+same parameters to 1e-8 after three steps; a throw-away script), about 20 s of compiling; on the H200 the eager
+update was 0.72 ms of a 9.87 ms compiled training step, the lever this option is for (``benchmarks/README.md``).
+
+Dynamo guards the compiled code on the optimiser object, so every new optimiser in a process compiles again, and
+past torch's recompile limit (8) the update runs eagerly again (torch warns once): a training run builds one optimiser.
 """
 
 from __future__ import annotations
