@@ -20,7 +20,7 @@ figures (loader, Lightning) are read. Variants, side by side and alternating ove
 - ``eager_relu_in_place``: eager with every ReLU in place on a CPU in bf16 too (by default there it writes a new
   tensor: :class:`~landmark_unet.models.blocks.ReLU`);
 - ``eager_compiled_optimizer``: eager, with the optimiser's update compiled (``model.compile_optimizer``:
-  :func:`~landmark_unet.lit.optimizer.compile_step`; it compiles at the first two steps, both before the timing);
+  :func:`~landmark_unet.lit.optimizer.compile_step`; it compiles at the first step, before the timing);
 - ``eager_split_norm_relu``: eager with every BatchNorm and the ReLU after it as one autograd function of four
   loops compiled by Inductor (:class:`benchmarks.bench_norm_relu.SplitNormReLU`; measured, not shipped);
 - ``eager_norm_fp32``: eager with every BatchNorm (and the ReLU after it) in fp32 under mixed precision

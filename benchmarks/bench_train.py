@@ -29,8 +29,8 @@ from ``data.on_device`` (slices gathered in the device's memory, the loader carr
   is timed the same way in bf16-mixed (fp32 on a GPU as well).
 - **torch.compile** (``model.compile=true``, or ``--compile-mode``): Lightning arm of the compiled network, after
   the others, then the plain loop with the same compiled network; with ``--compile-optimizer`` both of these arms
-  also compile the optimiser's update (``model.compile_optimizer``; it compiles at their first two steps, so the
-  second step of each arm is slow and the median keeps it out).
+  also compile the optimiser's update (``model.compile_optimizer``; it compiles at each arm's first step, which
+  the arm drops).
 - **cuDNN autotuner** (GPU only): the bf16-mixed Lightning arm again with ``trainer.benchmark=true``
   (``torch.backends.cudnn.benchmark``), interleaved with the plain arm; ``cudnn_benchmark_speedup``.
 """

@@ -62,7 +62,7 @@ for item in $PLAN; do
     train_reduce_overhead) bench bench_train train_reduce_overhead 200 --subjects "$SUBJECTS" --workers "$WORKERS" \
         --steps "$STEPS" --rounds 3 --no-multitask --on-device --precisions bf16-mixed \
         --compile-precisions bf16-mixed --compile-mode reduce-overhead ;;
-    train_reduce_overhead_optimizer) bench bench_train train_reduce_overhead_optimizer 230 --subjects "$SUBJECTS" \
+    train_reduce_overhead_optimizer) bench bench_train train_reduce_overhead_optimizer 260 --subjects "$SUBJECTS" \
         --workers "$WORKERS" --steps "$STEPS" --rounds 3 --no-multitask --on-device --precisions bf16-mixed \
         --compile-precisions bf16-mixed --compile-mode reduce-overhead --compile-optimizer ;;
     train_on_device) bench bench_train train_on_device 240 --subjects "$SUBJECTS" --workers "$WORKERS" \

@@ -87,7 +87,7 @@ class SegmentationModule(pl.LightningModule):
             it) in fp32 (:func:`~landmark_unet.models.blocks.norms_in_fp32`); no effect in fp32.
         compile_optimizer: run the optimiser's update as code compiled by ``torch.compile``
             (:func:`~landmark_unet.lit.optimizer.compile_step`: fused passes over the parameters instead of one per
-            operation; its learning rates become tensors). Compiles at the first two steps.
+            operation; its learning rates become tensors). Compiles at the first step.
     """
 
     def __init__(
