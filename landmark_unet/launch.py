@@ -126,8 +126,6 @@ def job_guard(run_dir: str | Path) -> Iterator[None]:
     on with its other jobs (the ``grid`` sweeper lists the failures at the end, the report lists the run). A
     failure.json left by an earlier attempt of the job is removed when it starts again. Either way, a run stopped
     by SIGTERM (Lightning ends it after the current step) says how to continue it and exits with code 143, not 0."""
-    from pytorch_lightning.utilities.exceptions import SIGTERMException
-
     try:
         if not in_multirun():
             with exit_on_input_error():
@@ -135,10 +133,19 @@ def job_guard(run_dir: str | Path) -> Iterator[None]:
         else:
             with _failure_recorded(Path(run_dir) / FAILURE_FILE):
                 yield
-    except SIGTERMException:
+    except BaseException as err:
+        if not _stopped_by_sigterm(err):
+            raise
         print("stopped by SIGTERM: continue this run with the same command plus resume=auto", file=sys.stderr,
               flush=True)
         sys.exit(EXIT_TERMINATED)
+
+
+def _stopped_by_sigterm(err: BaseException) -> bool:
+    """Whether ``err`` is Lightning's SIGTERMException (a SystemExit). Looked up among the loaded modules, so that a
+    run that fails before it imports Lightning (a bad config) does not wait seconds for that import."""
+    exceptions = sys.modules.get("pytorch_lightning.utilities.exceptions")
+    return exceptions is not None and isinstance(err, exceptions.SIGTERMException)
 
 
 @contextlib.contextmanager

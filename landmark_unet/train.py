@@ -17,24 +17,13 @@ import time
 from pathlib import Path
 
 import hydra
-import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from landmark_unet import host_memory
-from landmark_unet.checkpoint import SignatureCallback, check_checkpoint, read_checkpoint, signature
 from landmark_unet.config import quiet_third_party, resolve_precision, validate
 from landmark_unet.launch import check_ddp_launch, in_multirun, job_guard, pin_local_job_gpu, set_cpu_threads
-from landmark_unet.lit.callbacks import EpochSeed, EpochTimer, MetricHistory
-from landmark_unet.postprocess import choose_on_validation
 from landmark_unet.resume import is_done, resolve_start
-from landmark_unet.runinfo import (
-    checkpoint_callback,
-    nothing_predicted,
-    run_overrides,
-    summary_lines,
-    write_metrics,
-)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +32,21 @@ def train(cfg: DictConfig) -> dict:
     """Run one experiment from a composed config and return its metrics (also written to metrics.json by rank 0)."""
     t0 = time.perf_counter()
     validate(cfg)
+    # Lightning and torch only once the config is known to be good: importing them takes 4-6 s, which a typo in
+    # an override should not wait for (tests/test_cli_errors.py)
+    import pytorch_lightning as pl
+
+    from landmark_unet.checkpoint import SignatureCallback, check_checkpoint, read_checkpoint, signature
+    from landmark_unet.lit.callbacks import EpochSeed, EpochTimer, MetricHistory
+    from landmark_unet.postprocess import choose_on_validation
+    from landmark_unet.runinfo import (
+        checkpoint_callback,
+        nothing_predicted,
+        run_overrides,
+        summary_lines,
+        write_metrics,
+    )
+
     host_memory.apply_config(cfg)  # before the loader workers fork: they inherit it
     check_ddp_launch(cfg)
     pin_local_job_gpu(cfg)

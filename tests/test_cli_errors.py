@@ -61,3 +61,17 @@ def test_other_errors_are_not_taken_for_bad_input():
             raise KeyError("x")
         except KeyError as err:
             raise ValueError("a bug") from err
+
+
+def test_a_bad_config_value_is_reported_before_torch_is_imported(tmp_path):
+    """The config is checked before Lightning and torch are imported (4-6 s on 2 cores), so a typo in an override
+    comes back at once: no import of either module in the failed command's import log."""
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    env.pop("LANDMARK_UNET_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "landmark_unet.train", f"hydra.run.dir={tmp_path / 'run'}",
+                           "organ=livr"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
+    assert "error: organ: unknown organ 'livr'" in proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "landmark_unet.config" in imported  # the import log is there
+    assert not {"torch", "pytorch_lightning"} & imported
