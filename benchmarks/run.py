@@ -7,7 +7,6 @@ returns a flat dict; the results are merged with the machine they ran on. Never 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -37,35 +36,16 @@ HEADLINE = ("lightning_vs_plain_ratio", "mfu_fp32", "mfu_bf16", "bf16_speedup", 
             "detect_seconds_full_size", "parallel_oversubscribed_vs_shared")
 
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")  # what bf16 / fp32 speed hangs on
-
-
 def machine() -> dict:
-    """The CPU (its name and the vector and matrix extensions of :data:`CPU_FLAGS` it has), cores, platform, GPU,
-    and the versions of Python, the packages and the code (:func:`landmark_unet.runinfo.versions`): two fresh
-    installs of this project have given different (each deterministic) training runs."""
-    cpu, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cores": os.cpu_count(),
-            "python": platform.python_version(), "platform": platform.platform()}
-    try:
-        import torch
+    """The machine the figures came from (:func:`landmark_unet.runinfo.machine`: CPU and its extensions, cores,
+    platform, GPU), with the versions of Python, torch, the packages and the code: two CPUs have given different
+    (each deterministic) training runs of the same seed."""
+    import torch
 
-        info["torch"] = torch.__version__
-        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        pass
+    from landmark_unet.runinfo import machine as run_machine
     from landmark_unet.runinfo import versions
 
-    info["versions"] = versions()
-    return info
+    return run_machine() | {"python": platform.python_version(), "torch": torch.__version__, "versions": versions()}
 
 
 def main() -> None:

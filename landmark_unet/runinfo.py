@@ -37,6 +37,31 @@ def checkpoint_callback(trainer: pl.Trainer) -> pl.callbacks.ModelCheckpoint | N
     return trainer.checkpoint_callback
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def machine() -> dict:
+    """The CPU (its name, and which of the vector and matrix extensions :data:`CPU_FLAGS` it has), its cores, the
+    platform and the GPU. oneDNN picks its kernels by those extensions, and runs of the same seed on two CPUs have
+    come out different (each deterministic): benchmarks/README.md, session 13."""
+    import os
+
+    import torch
+
+    cpu, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 PACKAGES = ("torch", "pytorch_lightning", "hydra-core", "omegaconf", "torchmetrics", "numpy", "scipy", "nibabel",
             "monai", "landmark_unet")
 
@@ -76,6 +101,7 @@ def write_metrics(path: Path | None, model, datamodule, extra: dict) -> dict:
         **memory,
         "split": {k: len(v) for k, v in datamodule.split.items() if isinstance(v, list)},
         "versions": versions(),
+        "machine": machine(),
     }
     if path is not None:
         atomic_write_bytes(path, json.dumps(metrics, indent=2).encode())

@@ -53,6 +53,7 @@ def test_run_directory(tiny_run):
     for key in ("seconds_per_epoch", "peak_memory_gib", "overrides"):
         assert key in on_disk
     assert 0 < on_disk["data_wait_fraction"] < 1  # the loader's share of the training epochs' time
+    assert on_disk["machine"]["cores"] >= 1 and on_disk["machine"]["gpu"] is None  # runs differ by CPU: say which
     assert 0 <= liver["dice_mean"] <= 1 and liver["dice_std"] >= 0
     history = on_disk["history"]  # the validation curves of the report, one value per epoch, in step
     assert history["epoch"] == [0, 1]
