@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 from landmark_unet.data.nifti import atomic_write_bytes
 from landmark_unet.lit.callbacks import peak_memory_gib
@@ -44,10 +46,6 @@ def machine() -> dict:
     """The CPU (its name, and which of the vector and matrix extensions :data:`CPU_FLAGS` it has), its cores, the
     platform and the GPU. oneDNN picks its kernels by those extensions, and runs of the same seed on two CPUs have
     come out different (each deterministic): benchmarks/README.md, session 13."""
-    import os
-
-    import torch
-
     cpu, flags = "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
