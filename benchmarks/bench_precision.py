@@ -14,8 +14,9 @@
    seeds +-0.008 and 42 seeds +-0.004, the per-run differences being heavy-tailed (one atypical test body that
    models of either precision sometimes miss, seeds that train badly in both; benchmarks/README.md). The runs
    are deterministic in one install, and each seed's fp32 and bf16 runs are paired, so a later sweep of more
-   seeds (``--first-seed 10``) joins an earlier one through ``--combine``, even from another install (whose
-   library versions can give other trajectories: session 12's fresh install did).
+   seeds (``--first-seed 10``) joins an earlier one through ``--combine``, even from another machine or install
+   (other trajectories for the same seed: seeds 0-27 ran on an Intel Xeon with AMX, 28-41 on an AMD EPYC, whose
+   oneDNN kernels round differently; benchmarks/README.md, session 13).
    ``experiment=quick`` trains 6 epochs, too few to converge; 20 epochs (the default here) converge. At quick size the network is 8 channels wide: too small for bf16 to be faster, so no
    speed is claimed here (bench_train and bench_step measure speed at the study's size).
 """

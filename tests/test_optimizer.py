@@ -83,7 +83,7 @@ def test_compile_optimizer_trains_as_the_eager_update(tmp_path):
     its scheduler changes the rate every epoch)."""
     tiny = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
             "model.net.features=4", "data.num_workers=0", "data.batch_size=8", "data.split.rounds=3",
-            "trainer.max_epochs=3", "optim=sgd_poly", "model.net.deep_supervision=0"]
+            "trainer.max_epochs=3", "optim=sgd_poly"]
     history = {}
     for flag in (True, False):
         counters.clear()
