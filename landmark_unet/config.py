@@ -198,8 +198,9 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*always_return_as_numpy.*")  # inside MONAI's surface metrics
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")  # augmentation, on purpose
-    # Dice is logged from PerBodyDice, whose counts are already gathered from every DDP rank
-    warnings.filterwarnings("ignore", message=r".*self.log\('(val|test)/dice.*sync_dist=True.*")
+    # everything SegmentationModule logs comes from a torchmetrics state (PerBodyDice, VolumeRatio, SampleMean)
+    # that compute() has already gathered or summed over every DDP rank (tests/test_distributed.py)
+    warnings.filterwarnings("ignore", message=r".*self.log\('(train|val|test)/.*sync_dist=True.*")
 
 
 def read_yaml(path: Path):

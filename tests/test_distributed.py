@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -31,30 +32,58 @@ def test_eval_shards_cover_every_sample_exactly_once(n, world):
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
-def test_ddp_two_processes_give_the_per_body_dice_of_one_process(tmp_path):
-    """Train with trainer=ddp on 2 CPU processes (gloo): the test Dice it reports, computed with each body's slices
-    spread over both ranks, equals a 1-process evaluation of the same checkpoint on the same bodies."""
-    common = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
-              "model.net.features=8", "optim=adam", "model.optimizer.lr=3e-3", "data.sampling=oversample",
-              "data.num_workers=0", "data.batch_size=8", "data.eval_batch_size=7", "data.split.rounds=3",
-              "~callbacks.progress", "trainer.enable_progress_bar=false"]
-    env = os.environ.copy()
+TINY_DDP = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
+            "optim=adam", "model.optimizer.lr=3e-3", "data.sampling=oversample", "data.num_workers=0",
+            "data.split.rounds=3", "data.split.val_fraction=0.5", "trainer.max_epochs=6", "~callbacks.progress",
+            "trainer.enable_progress_bar=false"]
+NETWORKS = {  # slices spread over the ranks; whole bodies (sliding windows) spread over the ranks
+    "2d": ["model.net.features=8", "data.batch_size=8", "data.eval_batch_size=7"],
+    "volumetric": ["model=unet3d_full", "model.net.features=8", "data.patch_size=[16,32,32]",
+                   "model.net.pool_kernels=[[1,2,2],[2,2,2]]", "model.net.depth=2", "data.samples_per_epoch=8"],
+}
+
+
+def _evaluate_one_process(ckpt: str, split_file: Path | None, out: Path, cwd: Path) -> dict:
+    command = [sys.executable, "-m", "landmark_unet.evaluate", f"ckpt={ckpt}", "progress=false",
+               f"hydra.run.dir={out}"] + ([f"split_file={split_file}"] if split_file else [])
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=cwd, env=os.environ.copy())
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("network", sorted(NETWORKS))
+def test_ddp_two_processes_give_the_per_body_dice_of_one_process(tmp_path, network):
+    """Train with trainer=ddp on 2 CPU processes (gloo), 2 validation and 2 test bodies: the test Dice it reports
+    (each body's slices, or for the volumetric network each whole body, spread over both ranks) equals a 1-process
+    evaluation of the best checkpoint on the same bodies, and so does the validation Dice of the best epoch, which
+    picked that checkpoint (a rank scoring only its own share would give another mean). The Lightning hint to
+    ``sync_dist`` the epoch metrics is not shown: they are gathered from every rank already."""
     ddp = subprocess.run([sys.executable, "-m", "landmark_unet.train", "trainer=ddp", "trainer.devices=2",
-                          "trainer.max_epochs=6", *common, f"hydra.run.dir={tmp_path / 'ddp'}"],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+                          *TINY_DDP, *NETWORKS[network], f"hydra.run.dir={tmp_path / 'ddp'}"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path, env=os.environ.copy())
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "Starting with 2 processes" in ddp.stdout + ddp.stderr
+    assert "sync_dist" not in ddp.stdout + ddp.stderr
     with_ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    one = subprocess.run([sys.executable, "-m", "landmark_unet.evaluate", f"ckpt={with_ddp['checkpoint']}",
-                          f"hydra.run.dir={tmp_path / 'one'}"], capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    single = json.loads((tmp_path / "one" / "metrics.json").read_text())
+
+    single = _evaluate_one_process(with_ddp["checkpoint"], None, tmp_path / "one", tmp_path)
     a, b = with_ddp["test"]["liver"]["per_body"], single["test"]["liver"]["per_body"]
     assert sorted(a) == sorted(b) and len(a) == 2
     assert max(a.values()) > 0.01  # a trained model: the comparison is not between two empty predictions
     for body in a:
         assert a[body] == pytest.approx(b[body], abs=1e-6)
+
+    splits = json.loads((tmp_path / "ddp" / "splits.json").read_text())
+    assert len(splits["val"]) == 2
+    val_file = tmp_path / "val_as_test.json"
+    val_file.write_text(json.dumps({"train": splits["train"], "test": splits["val"]}))
+    on_val = _evaluate_one_process(with_ddp["checkpoint"], val_file, tmp_path / "val", tmp_path)
+    per_body = on_val["test"]["liver"]["per_body"]
+    assert sorted(per_body) == sorted(splits["val"]) and len(set(per_body.values())) == 2
+    history = with_ddp["history"]
+    best = history["val/dice_mean"].index(max(history["val/dice_mean"]))
+    assert with_ddp["checkpoint"].endswith(f"best-epoch{history['epoch'][best]:03d}.ckpt")
+    assert history["val/dice/liver"][best] == pytest.approx(sum(per_body.values()) / 2, abs=1e-6)
 
 
 def test_local_submitit_jobs_are_pinned_to_their_own_gpu(monkeypatch):
