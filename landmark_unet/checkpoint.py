@@ -6,7 +6,6 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -35,7 +34,8 @@ SIGNATURE_KEY = "landmark_unet"  # the entry of a checkpoint that says what its 
 
 def signature(cfg: DictConfig) -> dict:
     """What the weights of a run's checkpoints mean: network class, fusion, image channels, organs, stack depth,
-    landmark-map channels and output head, from its composed config. Stored in every checkpoint (:class:`SignatureCallback`)."""
+    landmark-map channels and output head, from its composed config. Stored in every checkpoint
+    (:class:`landmark_unet.lit.callbacks.SignatureCallback`)."""
     net = cfg.model.net
     return {"network": str(net._target_).rsplit(".", 1)[-1], "fusion": str(cfg.fusion.mode),
             "channels": [str(c) for c in cfg.data.channels], "organs": [str(o) for o in cfg.data.organs],
@@ -45,16 +45,6 @@ def signature(cfg: DictConfig) -> dict:
 
 # signature keys added later, with the value that checkpoints written before them stand for
 SIGNATURE_DEFAULTS = {"head": "sigmoid"}
-
-
-class SignatureCallback(pl.Callback):
-    """Writes the run's :func:`signature` into every checkpoint under :data:`SIGNATURE_KEY`."""
-
-    def __init__(self, signature: dict):
-        self.signature = dict(signature)
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[SIGNATURE_KEY] = dict(self.signature)
 
 
 def read_checkpoint(ckpt: Path) -> dict:

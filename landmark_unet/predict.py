@@ -39,7 +39,6 @@ from landmark_unet.checkpoint import load_run_config, load_weights, signature
 from landmark_unet.config import quiet_third_party, resolve_precision
 from landmark_unet.data import geometry
 from landmark_unet.data.cache import CT_WINDOW, normalise_image, resolve_normalisation
-from landmark_unet.data.datamodule import MAP_KEYS
 from landmark_unet.data.layouts import Case, input_cases
 from landmark_unet.data.nifti import atomic_write_bytes, nifti_bytes
 from landmark_unet.data.organs import ORGANS
@@ -47,7 +46,7 @@ from landmark_unet.data.sources import CaseImages, case_landmarks, check_case_he
 from landmark_unet.errors import InputError, exit_on_input_error
 from landmark_unet.heads import organ_masks
 from landmark_unet.inference import inference_network, predict_volume
-from landmark_unet.landmarks.distance import subject_maps
+from landmark_unet.landmarks.distance import MAP_KEYS, subject_maps
 from landmark_unet.landmarks.io import read_landmarks
 from landmark_unet.postprocess import largest_components
 from landmark_unet.runinfo import run_postprocess

@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
 import torch
 
 from landmark_unet.data.nifti import atomic_write_bytes
-from landmark_unet.lit.callbacks import peak_memory_gib
 from landmark_unet.metrics import per_body_table
+
+if TYPE_CHECKING:  # Lightning only for annotations: predict and evaluate start without importing it
+    import pytorch_lightning as pl
 
 
 def run_overrides() -> list[str]:
@@ -40,6 +43,14 @@ def checkpoint_callback(trainer: pl.Trainer) -> pl.callbacks.ModelCheckpoint | N
 
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """Peak host resident memory of this process and, on CUDA, peak allocated GPU memory, in GiB."""
+    out = {"peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def machine() -> dict:

@@ -36,8 +36,8 @@ def train(cfg: DictConfig) -> dict:
     # an override should not wait for (tests/test_cli_errors.py)
     import pytorch_lightning as pl
 
-    from landmark_unet.checkpoint import SignatureCallback, check_checkpoint, read_checkpoint, signature
-    from landmark_unet.lit.callbacks import EpochSeed, EpochTimer, MetricHistory
+    from landmark_unet.checkpoint import check_checkpoint, read_checkpoint, signature
+    from landmark_unet.lit.callbacks import EpochSeed, EpochTimer, MetricHistory, SignatureCallback
     from landmark_unet.postprocess import choose_on_validation
     from landmark_unet.runinfo import (
         checkpoint_callback,

@@ -46,12 +46,12 @@ from landmark_unet.data.slices import (
 from landmark_unet.data.sources import read_case
 from landmark_unet.data.splits import load_split, make_split, save_split
 from landmark_unet.errors import InputError, MissingLandmarksError
+from landmark_unet.landmarks.distance import MAP_KEYS
 from landmark_unet.models.fusion import FUSIONS
 
 log = logging.getLogger(__name__)
 SOURCES = ("phantom", *LAYOUTS)
 SAMPLINGS = ("organ_only", "oversample")
-MAP_KEYS = ("encoding", "units", "space", "combine", "pairs", "sigma_mm")
 LANDMARK_DEFAULTS = {"source": "file", "on_missing": "error", "encoding": "manhattan", "units": "voxel",
                      "space": "volume", "combine": "sum", "pairs": 1, "sigma_mm": 20.0}
 

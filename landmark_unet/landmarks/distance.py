@@ -104,6 +104,7 @@ ENCODINGS = METRICS
 SPACES = ("volume", "plane")
 COMBINES = ("sum", "channels")
 UNITS = ("voxel", "mm")
+MAP_KEYS = ("encoding", "units", "space", "combine", "pairs", "sigma_mm")  # the settings that define a run's maps
 
 
 def map_channels(combine: str, pairs: int) -> int:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import random
-import resource
 import time
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from landmark_unet.checkpoint import SIGNATURE_KEY
 from landmark_unet.data.datamodule import training_epoch
 from landmark_unet.data.slices import epoch_seed
 
@@ -72,14 +72,6 @@ class EpochTimer(pl.Callback):
         return xs[1:] if len(xs) > 1 else xs
 
 
-def peak_memory_gib() -> dict[str, float]:
-    """Peak host resident memory of this process and, on CUDA, peak allocated GPU memory, in GiB."""
-    out = {"peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    if torch.cuda.is_available():
-        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
-
-
 class MetricHistory(pl.Callback):
     """Keeps every epoch's validation metrics (``val/...``) for metrics.json: the Dice-vs-epoch curves of the
     report (the study's Figure 7). One host read per validation epoch, none in the training step.
@@ -127,3 +119,13 @@ class EpochSeed(pl.Callback):
         generator = getattr(trainer.train_dataloader, "generator", None)
         if generator is not None:
             generator.manual_seed(s)
+
+
+class SignatureCallback(pl.Callback):
+    """Writes the run's :func:`~landmark_unet.checkpoint.signature` into every checkpoint under :data:`SIGNATURE_KEY`."""
+
+    def __init__(self, signature: dict):
+        self.signature = dict(signature)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[SIGNATURE_KEY] = dict(self.signature)
