@@ -1,5 +1,6 @@
-"""Checkpoints of training runs: the run's config beside them, a signature of what their weights mean, and their
-weights loaded without executing code (``torch.load(weights_only=True)``) after checking they fit."""
+"""Checkpoints of training runs: a signature of what their weights mean, and their weights loaded without
+executing code (``torch.load(weights_only=True)``) after checking they fit. The run config beside a checkpoint is
+read by :func:`landmark_unet.config.load_run_config`."""
 
 from __future__ import annotations
 
@@ -7,27 +8,10 @@ import pickle
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from landmark_unet.errors import InputError
-
-
-def load_run_config(ckpt: Path) -> tuple[DictConfig, Path]:
-    """The training config of the run that wrote ``ckpt`` (``<run>/checkpoints/<name>.ckpt``) and the run folder.
-
-    Raises:
-        InputError: the checkpoint is missing, or has no run config beside it.
-    """
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        raise InputError(ckpt, "checkpoint file is missing")
-    run_dir = ckpt.resolve().parent.parent
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise InputError(ckpt, f"no run config beside the checkpoint (expected {path})")
-    return OmegaConf.load(path), run_dir
-
 
 SIGNATURE_KEY = "landmark_unet"  # the entry of a checkpoint that says what its weights mean
 

@@ -203,6 +203,22 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r".*self.log\('(train|val|test)/.*sync_dist=True.*")
 
 
+def load_run_config(ckpt: Path) -> tuple[DictConfig, Path]:
+    """The training config of the run that wrote ``ckpt`` (``<run>/checkpoints/<name>.ckpt``) and the run folder.
+
+    Raises:
+        InputError: the checkpoint is missing, or has no readable run config beside it.
+    """
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise InputError(ckpt, "checkpoint file is missing")
+    run_dir = ckpt.resolve().parent.parent
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise InputError(ckpt, f"no run config beside the checkpoint (expected {path})")
+    return read_yaml(path), run_dir
+
+
 def read_yaml(path: Path):
     """A YAML file a run left (``.hydra/config.yaml``, ``overrides.yaml``, ``multirun.yaml``).
 

@@ -107,12 +107,18 @@ def set_cpu_threads(cfg: DictConfig, key: str = "cpu_threads") -> int:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise InputError(key, f"must be null or a whole number >= 1, got {value!r}")
     threads = value if value is not None else _launcher_cpus_per_task()
-    if threads is None and "SUBMITIT_LOCAL_JOB_ID" in os.environ:
+    if threads is None and "SUBMITIT_LOCAL_JOB_ID" in os.environ and _first_process():
         log.warning("submitit_local runs this sweep's jobs side by side, each with %d CPU threads: set "
                     "hydra.launcher.cpus_per_task (or %s) to share the cores", torch.get_num_threads(), key)
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def _first_process() -> bool:
+    """Whether this is the first process of its job: global rank 0 as submitit and torch.distributed's launchers
+    number them (a job's warnings are said once, not once per rank)."""
+    return all(os.environ.get(name, "0") == "0" for name in ("SUBMITIT_LOCAL_GLOBALID", "RANK", "LOCAL_RANK"))
 
 
 EXIT_TERMINATED = 128 + 15  # what a shell reports for a process ended by SIGTERM

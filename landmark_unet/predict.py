@@ -23,177 +23,16 @@ stream, NaN) stops at that case, with the complete files of the cases before it 
 from __future__ import annotations
 
 import glob
-import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import numpy as np
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from landmark_unet import host_memory
-from landmark_unet.checkpoint import load_run_config, load_weights, signature
-from landmark_unet.config import quiet_third_party, resolve_precision
-from landmark_unet.data import geometry
-from landmark_unet.data.cache import CT_WINDOW, normalise_image, resolve_normalisation
+from landmark_unet.config import load_run_config, quiet_third_party
 from landmark_unet.data.layouts import Case, input_cases
-from landmark_unet.data.nifti import atomic_write_bytes, nifti_bytes
-from landmark_unet.data.organs import ORGANS
-from landmark_unet.data.sources import CaseImages, case_landmarks, check_case_headers
 from landmark_unet.errors import InputError, exit_on_input_error
-from landmark_unet.heads import organ_masks
-from landmark_unet.inference import inference_network, predict_volume
-from landmark_unet.landmarks.distance import MAP_KEYS, subject_maps
-from landmark_unet.landmarks.io import read_landmarks
-from landmark_unet.postprocess import largest_components
-from landmark_unet.runinfo import run_postprocess
-
-log = logging.getLogger(__name__)
-
-
-PREPROCESSING = ("channels", "organs", "normalisation", "ct_window", "modality", "spacing", "stack", "fusion",
-                 "pad_multiple", "landmarks", "channel_names", "image_file")  # run data settings a model depends on
-
-
-@dataclass
-class Predictor:
-    """One trained model, or an ensemble of models with the same preprocessing, with the preprocessing of its run.
-
-    Attributes:
-        models: the LightningModules as ``inference.inference_network`` prepares them (eval mode on ``device``,
-            BatchNorm folded on the CPU); an ensemble averages their probabilities.
-        organs: organ of each output channel.
-        channels: image channels the model reads.
-        run: the (first) run's data settings (``normalisation``, ``modality``, ``spacing``, ``stack``, ``fusion``...).
-    """
-
-    models: list[torch.nn.Module]
-    organs: list[str]
-    channels: list[str]
-    run: dict
-    device: torch.device
-    precision: str
-    threshold: float
-    head: str
-    batch_size: int = 16
-    tta: bool = False
-    postprocess: dict | None = None  # the run's choice per organ (metrics.json), see landmark_unet.postprocess
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: Path | list[Path], accelerator: str = "auto", precision: str = "auto",
-                        threshold: float | None = None, batch_size: int = 16, tta: bool = False,
-                        compile: bool = False) -> Predictor:
-        """The model of a checkpoint, or the ensemble of a list of checkpoints (the 5 rounds' models, say), each
-        built from the run config beside it. The threshold and post-processing are the first run's.
-
-        Raises:
-            InputError: a checkpoint that cannot be read or does not fit its run, or runs whose preprocessing
-                (:data:`PREPROCESSING`) differs from the first's.
-        """
-        ckpts = [Path(c) for c in (ckpt if isinstance(ckpt, (list, tuple)) else [ckpt])]
-        cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-        device = torch.device("cuda" if cuda else "cpu")
-        models, first = [], None
-        for path in ckpts:
-            run_cfg, run_dir = load_run_config(path)
-            model = instantiate(run_cfg.model)
-            load_weights(model, path, signature(run_cfg))
-            models.append(inference_network(model, device, compile))
-            data = OmegaConf.to_container(run_cfg.data, resolve=True)
-            if first is None:
-                first = (run_cfg, run_dir, data)
-                continue
-            differs = [k for k in PREPROCESSING if data.get(k) != first[2].get(k)]
-            if differs:
-                raise InputError(path, f"cannot join an ensemble with {ckpts[0]}: its run's data.{differs[0]} is "
-                                       f"{data.get(differs[0])!r}, not {first[2].get(differs[0])!r}")
-        run_cfg, run_dir, data = first
-        precision = "32-true" if device.type == "cpu" and precision == "auto" else str(resolve_precision(precision))
-        return cls(models=models, organs=list(data["organs"]), channels=list(data["channels"]), run=data,
-                   device=device, precision=precision,
-                   threshold=float(threshold if threshold is not None else run_cfg.model.get("threshold", 0.5)),
-                   head=str(run_cfg.model.get("head", "sigmoid")),
-                   batch_size=batch_size, tta=tta, postprocess=run_postprocess(run_dir))
-
-    @property
-    def fused(self) -> bool:
-        return self.run.get("fusion", "none") != "none"
-
-    def check(self, case: Case) -> None:
-        """Check a case's inputs without reading its voxels: the image channels (:func:`check_case_headers`) and,
-        for a fused model, its landmarks file when it has one (well-formed, inside the volume, enough landmarks
-        for the run's pairs). ``predict`` checks every case this way before it writes the first file; what only
-        the voxels show (a truncated stream, NaN) is found when the case is predicted."""
-        shape, _ = check_case_headers(case, self.channels)
-        if self.fused and case.landmarks is not None and case.landmarks.exists():
-            points = read_landmarks(case.landmarks, shape=shape)
-            pairs = int(self.run.get("landmarks", {}).get("pairs", 1))
-            if len(points) < 2 * pairs:
-                raise InputError(case.landmarks, f"expected {pairs} landmark pair(s) (the run's landmarks.pairs), "
-                                                 f"found {len(points)} landmark(s)")
-
-    def probabilities(self, case: Case, progress=None) -> tuple[np.ndarray, CaseImages]:
-        """Probabilities (K, *file shape) of one case on the grid of its first image file, and its images."""
-        run = self.run
-        images = CaseImages(case, self.channels)
-        modality = run.get("modality", "mri")
-        points = case_landmarks(case, images, "auto", modality) if self.fused else None
-        image, spacing = images.image, geometry.spacing_of(images.affine)
-        canonical_shape = image.shape[1:]
-        target = run.get("spacing")
-        if target:
-            shape = geometry.target_shape(canonical_shape, spacing, target)
-            image = geometry.resample_to(image, spacing, target, shape)
-            points = None if points is None else geometry.resample_points(points, spacing, target)
-            spacing = np.asarray(target, dtype=np.float64)
-        method = resolve_normalisation(run.get("normalisation", "percentile"), modality)
-        normalised, _ = normalise_image(image, method, run.get("ct_window", CT_WINDOW))
-        distance = None
-        if self.fused:
-            settings = {k: run["landmarks"][k] for k in MAP_KEYS if k in run.get("landmarks", {})}
-            try:
-                distance = subject_maps(points, normalised.shape[1:], spacing, **settings)
-            except ValueError as err:  # too few landmarks for the run's pairs
-                raise InputError(case.landmarks or case.name, str(err)) from None
-        volume = normalised.transpose(3, 0, 1, 2)
-        prob = sum(predict_volume(model, volume, distance, stack=int(run.get("stack", 1)),
-                                  pad_multiple=int(run.get("pad_multiple", 16)), device=self.device,
-                                  precision=self.precision, progress=progress, batch_size=self.batch_size,
-                                  tta=self.tta) for model in self.models) / len(self.models)
-        if target:
-            prob = np.clip(geometry.resample_to(prob, target, geometry.spacing_of(images.affine), canonical_shape), 0, 1)
-        prob = geometry.from_canonical(prob, images.source_affine)
-        assert prob.shape[1:] == images.source_shape
-        return prob, images
-
-
-    def masks(self, prob: np.ndarray) -> np.ndarray:
-        """Binary masks (K, ...) of probabilities (K, ...), with the run's post-processing."""
-        masks = organ_masks(prob, self.head, self.threshold, dim=0)
-        for k, organ in enumerate(self.organs):
-            if (self.postprocess or {}).get(organ, {}).get("largest_component"):
-                masks[k] = largest_components(masks[k], organ)
-        return masks
-
-
-def outputs_of(case: str, prob: np.ndarray, masks: np.ndarray, organs: list[str], labelmap: bool,
-               probabilities: bool) -> dict[str, np.ndarray]:
-    """File name -> array of one case's predictions (see the module docstring)."""
-    files: dict[str, np.ndarray] = {}
-    if labelmap:
-        label = np.zeros(prob.shape[1:], np.uint8)
-        best = np.argmax(np.where(masks, prob, -1.0), axis=0)
-        for k, organ in enumerate(organs):
-            label[(best == k) & masks[k]] = ORGANS.index(organ) + 1
-        files[f"{case}.nii.gz"] = label
-    else:
-        files.update({f"{case}_{organ}.nii.gz": masks[k].astype(np.uint8) for k, organ in enumerate(organs)})
-    if probabilities:
-        files.update({f"{case}_{organ}_prob.nii.gz": prob[k].astype(np.float32) for k, organ in enumerate(organs)})
-    return files
 
 
 def checkpoints(value) -> list[Path]:
@@ -222,11 +61,11 @@ def predict(cfg: DictConfig) -> list[Path]:
     for key in ("ckpt", "input", "output"):
         if not cfg.get(key):
             raise InputError(key, f"required: {key}=PATH")
-    predictor = Predictor.from_checkpoint(checkpoints(cfg.ckpt), cfg.accelerator, cfg.precision,
-                                          cfg.get("threshold"), batch_size=int(cfg.batch_size), tta=bool(cfg.tta),
-                                          compile=bool(cfg.compile))
-    channel_names = list(cfg.get("channel_names") or predictor.run.get("channel_names") or predictor.channels)
-    cases = input_cases(cfg.input, channel_names, predictor.run.get("image_file", "ct.nii.gz"))
+    ckpts = checkpoints(cfg.ckpt)
+    runs = [load_run_config(ckpt)[0] for ckpt in ckpts]  # every checkpoint and the run config beside it exist
+    run = OmegaConf.to_container(runs[0].data, resolve=True)  # the data settings the cases are read with
+    channel_names = list(cfg.get("channel_names") or run.get("channel_names") or run["channels"])
+    cases = input_cases(cfg.input, channel_names, run.get("image_file", "ct.nii.gz"))
     if cfg.get("landmarks_file"):
         if len(cases) != 1:
             raise InputError("landmarks_file", f"one landmarks file for {len(cases)} cases: give it with a single image")
@@ -234,22 +73,20 @@ def predict(cfg: DictConfig) -> list[Path]:
     out = Path(cfg.output)
     if out.exists() and not out.is_dir():
         raise InputError(out, "output exists and is not a folder")
+    # torch and the networks only once the command line is known to be good: importing them takes 2-3 s, which
+    # a mistyped path should not wait for (tests/test_cli_errors.py)
+    from landmark_unet.predictor import Predictor, write_case
+
+    predictor = Predictor.from_checkpoint(ckpts, cfg.accelerator, cfg.precision, cfg.get("threshold"),
+                                          batch_size=int(cfg.batch_size), tta=bool(cfg.tta), compile=bool(cfg.compile))
     for case in cases:  # every case's headers and landmarks before the first file is written
         predictor.check(case)
     written = []
     for case in cases:
         with tqdm(desc=case.name, unit="slice", disable=not cfg.progress, leave=False) as bar:
-            prob, images = predictor.probabilities(case, progress=bar.update)
-        masks = predictor.masks(prob)
-        files = {name: nifti_bytes(array, images.source_affine) for name, array in
-                 outputs_of(case.name, prob, masks, predictor.organs, bool(cfg.labelmap), bool(cfg.probabilities)).items()}
-        for name, data in files.items():  # every file of the case encoded first: a kill leaves whole cases
-            atomic_write_bytes(out / name, data)
-            written.append(out / name)
-        voxel_ml = float(abs(np.linalg.det(images.source_affine[:3, :3]))) / 1000.0
-        volumes = ", ".join(f"{o} {float(masks[k].sum()) * voxel_ml:.1f} ml"
-                            for k, o in enumerate(predictor.organs))
-        print(f"{case.name}: {volumes}", flush=True)
+            files, volumes = write_case(predictor, case, out, bool(cfg.labelmap), bool(cfg.probabilities), bar.update)
+        written += files
+        print(f"{case.name}: " + ", ".join(f"{organ} {ml:.1f} ml" for organ, ml in volumes.items()), flush=True)
     return written
 
 

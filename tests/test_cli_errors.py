@@ -63,15 +63,29 @@ def test_other_errors_are_not_taken_for_bad_input():
             raise ValueError("a bug") from err
 
 
-def test_a_bad_config_value_is_reported_before_torch_is_imported(tmp_path):
-    """The config is checked before Lightning and torch are imported (4-6 s on 2 cores), so a typo in an override
-    comes back at once: no import of either module in the failed command's import log."""
+@pytest.mark.parametrize("entry, arguments, message", [
+    ("train", ["organ=livr"], "error: organ: unknown organ 'livr'"),
+    ("predict", ["ckpt={tmp}/nope.ckpt", "input={tmp}", "output={tmp}/out"], "nope.ckpt: checkpoint file is missing"),
+    ("predict", ["ckpt={tmp}/run/checkpoints/best.ckpt", "input={tmp}/nowhere", "output={tmp}/out"], "nowhere"),
+    ("evaluate", ["ckpt={tmp}/nope.ckpt"], "nope.ckpt: checkpoint file is missing"),
+    ("evaluate", ["predictions={tmp}/nowhere", "references={tmp}"], "nowhere: predictions folder is missing"),
+])
+def test_a_bad_command_line_is_reported_before_torch_is_imported(tmp_path, entry, arguments, message):
+    """Each entry point checks its config and paths before Lightning and torch are imported (4-6 s on 2 cores),
+    so a typo in an override or a path comes back at once: no import of either module in the failed command's
+    import log."""
+    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"  # a checkpoint with its run config, for the input check
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    (tmp_path / "run" / ".hydra").mkdir()
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("data:\n  channels: [fat, water]\n")
     env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
     env.pop("LANDMARK_UNET_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "landmark_unet.train", f"hydra.run.dir={tmp_path / 'run'}",
-                           "organ=livr"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", f"landmark_unet.{entry}", f"hydra.run.dir={tmp_path / 'hydra'}",
+                           *(a.format(tmp=tmp_path) for a in arguments)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr[-2000:]
-    assert "error: organ: unknown organ 'livr'" in proc.stderr
+    assert message in proc.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "landmark_unet.config" in imported  # the import log is there
     assert not {"torch", "pytorch_lightning"} & imported

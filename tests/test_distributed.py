@@ -127,6 +127,12 @@ def test_cpu_threads_set_from_the_config_or_the_launcher(monkeypatch, caplog, to
     with caplog.at_level("WARNING", logger="landmark_unet.launch"):
         assert set_cpu_threads(OmegaConf.create({})) == torch_threads
     assert "hydra.launcher.cpus_per_task" in caplog.text
+    caplog.clear()
+    for rank_variable in ("SUBMITIT_LOCAL_GLOBALID", "LOCAL_RANK"):  # the job's other processes stay quiet
+        with monkeypatch.context() as env, caplog.at_level("WARNING", logger="landmark_unet.launch"):
+            env.setenv(rank_variable, "1")
+            assert set_cpu_threads(OmegaConf.create({})) == torch_threads
+    assert caplog.text == ""
     for bad in (0, -2, 1.5, True, "four"):
         with pytest.raises(InputError, match=f"cpu_threads: must be null or a whole number >= 1, got {bad!r}"):
             set_cpu_threads(OmegaConf.create({"cpu_threads": bad}))

@@ -58,7 +58,7 @@ def test_predict_applies_the_runs_choice(tmp_path):
     pp = np.asanyarray(nib.load(tmp_path / "pp" / f"{subject.name}_liver.nii.gz").dataobj) > 0
     assert np.array_equal(pp, largest_components(raw, "liver"))
     # the masks step itself, on probabilities with two blobs
-    from landmark_unet.predict import Predictor
+    from landmark_unet.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(ckpt)
     prob = np.zeros((1, 12, 12, 12), np.float32)

@@ -114,8 +114,14 @@ def test_predict_bad_input(tmp_path):
     run.mkdir(parents=True)
     (run / "last.ckpt").write_bytes(b"not a checkpoint")
     save_run_config(compose_train([], tmp_path), tmp_path / "run")
-    with pytest.raises(InputError, match="cannot read checkpoint"):
+    # the command line is checked before the checkpoint is read (and before torch is imported)
+    with pytest.raises(InputError, match="holds no NIfTI image to predict"):
         predict(compose_predict([f"ckpt={run / 'last.ckpt'}", f"input={tmp_path}", f"output={tmp_path / 'o'}"]))
+    for channel in ("fat", "water"):
+        save_nifti(tmp_path / "case" / f"{channel}.nii.gz", np.ones((8, 8, 4), np.float32), np.eye(4))
+    with pytest.raises(InputError, match="cannot read checkpoint"):
+        predict(compose_predict([f"ckpt={run / 'last.ckpt'}", f"input={tmp_path / 'case'}",
+                                 f"output={tmp_path / 'o'}"]))
     assert not (tmp_path / "o").exists()
 
 
