@@ -56,14 +56,15 @@ def test_ddp_two_processes_give_the_per_body_dice_of_one_process(tmp_path, netwo
     """Train with trainer=ddp on 2 CPU processes (gloo), 2 validation and 2 test bodies: the test Dice it reports
     (each body's slices, or for the volumetric network each whole body, spread over both ranks) equals a 1-process
     evaluation of the best checkpoint on the same bodies, and so does the validation Dice of the best epoch, which
-    picked that checkpoint (a rank scoring only its own share would give another mean). The Lightning hint to
-    ``sync_dist`` the epoch metrics is not shown: they are gathered from every rank already."""
+    picked that checkpoint (a rank scoring only its own share would give another mean). Lightning's hints to
+    ``sync_dist`` the epoch metrics and to test on one device are not shown: the metrics are gathered from every
+    rank already, and the evaluation shards pad nothing."""
     ddp = subprocess.run([sys.executable, "-m", "landmark_unet.train", "trainer=ddp", "trainer.devices=2",
                           *TINY_DDP, *NETWORKS[network], f"hydra.run.dir={tmp_path / 'ddp'}"],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=os.environ.copy())
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "Starting with 2 processes" in ddp.stdout + ddp.stderr
-    assert "sync_dist" not in ddp.stdout + ddp.stderr
+    assert "sync_dist" not in ddp.stdout + ddp.stderr and "DistributedSampler" not in ddp.stdout + ddp.stderr
     with_ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
 
     single = _evaluate_one_process(with_ddp["checkpoint"], None, tmp_path / "one", tmp_path)
