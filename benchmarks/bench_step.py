@@ -52,7 +52,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.bench_norm_relu import split_norm_relu
 from benchmarks.bench_train import Marks, rmsprop, step_flops, study_module
-from benchmarks.common import PEAK_DTYPE, device, device_name, matmul_peak, median
+from benchmarks.common import PEAK_DTYPE, datasheet_peak, device, device_name, matmul_peak, median
 from landmark_unet import host_memory
 from landmark_unet.lit.optimizer import compile_step
 from landmark_unet.models.blocks import ReLU, UpConv2x2, norms_in_fp32
@@ -278,10 +278,14 @@ def run(batches=(10, 20, 40), steps: int = 30, rounds: int = 2, precision: str =
             out[f"system_seconds_per_step_{v}_b{b}"] = median(system[v])
     peak = max(peak, matmul_peak(PEAK_DTYPE[precision], dev))  # best of start and end
     out["matmul_peak_tflops"] = peak / 1e12
+    datasheet = datasheet_peak(device_name(), precision)  # the card's datasheet peak, a second yardstick
     for b in batches:
         for v in variants:
             if f"step_seconds_{v}_b{b}" in out:
-                out[f"mfu_{v}_b{b}"] = out[f"step_gflop_b{b}"] * 1e9 / out[f"step_seconds_{v}_b{b}"] / peak
+                achieved = out[f"step_gflop_b{b}"] * 1e9 / out[f"step_seconds_{v}_b{b}"]
+                out[f"mfu_{v}_b{b}"] = achieved / peak
+                if datasheet:
+                    out[f"mfu_datasheet_{v}_b{b}"] = achieved / datasheet
     if profile_step:
         # on a GPU the compiled step when it was timed; on a CPU the eager one (a compiled graph's kernels bypass
         # the dispatcher that OpTimes times)

@@ -50,7 +50,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import PEAK_DTYPE, device, device_name, full_size_datamodule, matmul_peak, median
+from benchmarks.common import (
+    PEAK_DTYPE,
+    datasheet_peak,
+    device,
+    device_name,
+    full_size_datamodule,
+    matmul_peak,
+    median,
+)
 from landmark_unet import host_memory
 from landmark_unet.config import quiet_third_party
 from landmark_unet.inference import autocast
@@ -280,6 +288,8 @@ def run(steps: int = 3, rounds: int = 2, compile: bool | str = True, multitask: 
         out[f"lightning_vs_plain_ratio_{tag[p]}"] = pt / lt
         out[f"matmul_peak_tflops_{tag[p]}"] = peaks[p] / 1e12
         out[f"mfu_{tag[p]}"] = flops / lt / peaks[p]
+        if datasheet_peak(out["device"], p):  # the same against the card's datasheet peak
+            out[f"mfu_datasheet_{tag[p]}"] = flops / lt / datasheet_peak(out["device"], p)
         out[f"data_wait_fraction_{tag[p]}"] = sum(waits[p]) / sum(lightning[p])
         out[f"seconds_per_epoch_2d_{tag[p]}"] = STUDY_SLICES_PER_EPOCH / BATCH * lt
     fastest = min(precisions, key=lambda p: out[f"step_seconds_lightning_{tag[p]}"])
@@ -318,6 +328,8 @@ def run(steps: int = 3, rounds: int = 2, compile: bool | str = True, multitask: 
                 continue
             out[f"step_seconds_lightning_compiled_{tag[p]}"] = median(times)
             out[f"mfu_compiled_{tag[p]}"] = flops / median(times) / peaks[p]
+            if datasheet_peak(out["device"], p):
+                out[f"mfu_datasheet_compiled_{tag[p]}"] = flops / median(times) / datasheet_peak(out["device"], p)
             out[f"compile_speedup_{tag[p]}"] = out[f"step_seconds_lightning_{tag[p]}"] / median(times)
             out[f"step_seconds_plain_compiled_{tag[p]}"] = median(plain_times)
             out[f"lightning_vs_plain_ratio_compiled_{tag[p]}"] = median(plain_times) / median(times)

@@ -42,6 +42,21 @@ def matmul_peak(dtype: torch.dtype, dev: torch.device, n: int | None = None, rep
     return 2 * n**3 / best
 
 
+# Dense (no structured sparsity) bf16 / fp16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s (the sparse figure
+# halved), by a part of torch.cuda.get_device_name(); more specific names first. The GPU target names "the card's
+# dense bf16 peak": reported beside the matmul measured in each run, which on an H200 reached 778-786 of its 989.
+DATASHEET_DENSE_TFLOPS = (("H200 NVL", 835.5), ("H200", 989.5), ("H100 NVL", 835.5), ("H100 PCIe", 756.5),
+                          ("H100", 989.5), ("A100", 312.0))
+
+
+def datasheet_peak(name: str, precision: str) -> float | None:
+    """The datasheet's dense tensor-core peak in FLOP/s of the GPU called ``name`` for a ``bf16-mixed`` or
+    ``16-mixed`` run; None for fp32, a CPU or a card not in :data:`DATASHEET_DENSE_TFLOPS`."""
+    if precision not in ("bf16-mixed", "16-mixed"):
+        return None
+    return next((tflops * 1e12 for part, tflops in DATASHEET_DENSE_TFLOPS if part in name), None)
+
+
 def cache_dir() -> str:
     return os.environ.get("LANDMARK_UNET_BENCH_CACHE", ".cache/bench")
 

@@ -23,3 +23,18 @@ def test_benchmark_results_also_record_package_versions():
     assert info["versions"]["torch"] == info["torch"]  # the installed distribution is the imported one
     assert {"numpy", "scipy", "pytorch_lightning"} <= set(info["versions"])
     assert {"cpu", "cpu_flags", "cores"} <= set(info)
+
+
+@pytest.mark.parametrize("name, precision, tflops", [
+    ("NVIDIA H200", "bf16-mixed", 989.5), ("NVIDIA H200 NVL", "bf16-mixed", 835.5),
+    ("NVIDIA H100 80GB HBM3", "16-mixed", 989.5), ("NVIDIA H100 PCIe", "bf16-mixed", 756.5),
+    ("NVIDIA A100-SXM4-80GB", "bf16-mixed", 312.0),
+    ("NVIDIA H200", "32-true", None), ("cpu", "bf16-mixed", None), ("NVIDIA GeForce GTX 1080", "16-mixed", None),
+])
+def test_datasheet_peak_names_the_card_and_only_tensor_core_precisions(name, precision, tflops):
+    """The second MFU yardstick: the card's datasheet dense peak, the most specific name first (an H200 NVL is
+    not taken for an H200); nothing for fp32, a CPU or an unlisted card."""
+    from benchmarks.common import datasheet_peak
+
+    peak = datasheet_peak(name, precision)
+    assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
