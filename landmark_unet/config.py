@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from landmark_unet.data.layouts import check_dataset_root
 from landmark_unet.data.organs import ORGANS
 from landmark_unet.errors import InputError
 from landmark_unet.landmarks.distance import COMBINES, ENCODINGS, SPACES, UNITS, map_channels
@@ -57,7 +58,8 @@ def validate(cfg: DictConfig) -> None:
     with the key named (rather than as a shape error inside the first training step).
 
     Checked: ``organ`` and ``content`` are known; the landmark-map settings (:func:`validate_landmarks`); the
-    network agrees with the data (:func:`validate_model_inputs`). Keys a config lacks are not checked.
+    network agrees with the data (:func:`validate_model_inputs`); a real dataset's ``data.root`` is a folder. Keys a
+    config lacks are not checked.
 
     Raises:
         InputError: naming the key and what is wrong.
@@ -68,6 +70,8 @@ def validate(cfg: DictConfig) -> None:
     content = cfg.get("content")
     if content not in CONTENTS:
         raise InputError("content", f"unknown content {content!r} (choose from {', '.join(CONTENTS)})")
+    if cfg.get("data") is not None and cfg.data.get("source", "phantom") != "phantom":
+        check_dataset_root(cfg.data.get("root"))  # a real dataset's folder (before the network's class imports torch)
     validate_head(cfg)
     if cfg.get("landmarks") is not None:
         validate_landmarks(cfg.landmarks)

@@ -65,6 +65,7 @@ def test_other_errors_are_not_taken_for_bad_input():
 
 @pytest.mark.parametrize("entry, arguments, message", [
     ("train", ["organ=livr"], "error: organ: unknown organ 'livr'"),
+    ("train", ["data=folder", "data.root={tmp}/nowhere"], "nowhere: data folder is missing"),
     ("predict", ["ckpt={tmp}/nope.ckpt", "input={tmp}", "output={tmp}/out"], "nope.ckpt: checkpoint file is missing"),
     ("predict", ["ckpt={tmp}/run/checkpoints/best.ckpt", "input={tmp}/nowhere", "output={tmp}/out"], "nowhere"),
     ("evaluate", ["ckpt={tmp}/nope.ckpt"], "nope.ckpt: checkpoint file is missing"),

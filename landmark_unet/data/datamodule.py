@@ -30,7 +30,14 @@ from landmark_unet.data.cache import (
     resolve_normalisation,
 )
 from landmark_unet.data.device_slices import DeviceSlices, SliceRows
-from landmark_unet.data.layouts import CHANNELS, LAYOUTS, Case, labelled_organs, list_cases
+from landmark_unet.data.layouts import (
+    CHANNELS,
+    LAYOUTS,
+    Case,
+    check_dataset_root,
+    labelled_organs,
+    list_cases,
+)
 from landmark_unet.data.organs import ORGANS, organ_bit
 from landmark_unet.data.patches import BodyDataset, PatchDataset
 from landmark_unet.data.slices import (
@@ -251,11 +258,9 @@ class SliceDataModule(pl.LightningDataModule):
 
     # -- data on disk -------------------------------------------------------------------------------------------
     def dataset_root(self) -> Path:
-        if self.root is not None:
-            return Path(self.root)
-        if self.source == "phantom":
-            return phantom_root(self.cache_dir, self.phantom)
-        raise InputError("data.root", "no dataset folder given (set data.root=DIR)")
+        if self.source != "phantom":
+            return check_dataset_root(self.root)
+        return Path(self.root) if self.root is not None else phantom_root(self.cache_dir, self.phantom)
 
     def list_cases(self, root: Path) -> list[Case]:
         """The cases of the dataset, with the label files of every organ the layout names (all five for the

@@ -70,6 +70,20 @@ class Case:
         return tuple(dict.fromkeys(str(p) for p in paths if p.exists()))
 
 
+def check_dataset_root(root: str | Path | None) -> Path:
+    """The folder of a real dataset (``data.root``): given, and a folder. Checked by ``train`` before anything is
+    imported or built (:func:`landmark_unet.config.validate`) and again where the cases are listed.
+
+    Raises:
+        InputError: no folder given (names ``data.root``), or it is not a folder (names the path).
+    """
+    if root is None or str(root) == "":
+        raise InputError("data.root", "no dataset folder given (set data.root=DIR)")
+    if not Path(root).is_dir():
+        raise InputError(root, "data folder is missing (set data.root=DIR)")
+    return Path(root)
+
+
 def list_cases(
     source: str,
     root: str | Path,
@@ -99,8 +113,7 @@ def list_cases(
     root = Path(root)
     if source not in LAYOUTS:
         raise InputError("data.source", f"unknown layout {source!r} (choose from {', '.join(LAYOUTS)})")
-    if not root.is_dir():
-        raise InputError(root, "data folder is missing (set data.root=DIR)")
+    check_dataset_root(root)
     if source == "folder":
         cases = [folder_case(p, organs) for p in _subfolders(root, lambda p: any(
             (p / f).exists() for f in FOLDER_CHANNEL_FILES.values()))]
