@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv with torch ($$TORCH) and the package
 
-demo: $(STAMP)  ## phantom -> train 2D U-Net -> evaluate on held-out bodies (about 8 min on 2 CPU cores)
+demo: $(STAMP)  ## phantom -> train 2D U-Net -> evaluate on held-out bodies (5-6 min on 2 CPU cores)
 	$(BIN)/python -m landmark_unet.train experiment=demo
 
 test: $(STAMP)  ## the test suite (under 10 min on 2 CPU cores)
