@@ -344,14 +344,15 @@ def test_the_unbroken_inputs_go_through(trained, tmp_path):
     assert "liver" in (tmp_path / "rep" / "report.md").read_text()
 
 
-# the train entry's cases run in-process in make test (below: a second or two each) and as command lines in make
-# test-slow (5-7 s each, nearly all of it importing Lightning), except one kept on the command line in make test;
-# the other entries' cases, and tests/test_cli_errors.py, check the one-line error and exit code 2 there
-CLI_TRAIN_CASE = "nifti-truncated-gzip"
-CONFIG_CASES = [c for c in CASES if c.entry == "train" and c.id != CLI_TRAIN_CASE]
+# the train, predict and evaluate entries' cases run in-process in make test (below: a second or two each) and as
+# command lines in make test-slow (5-7 s each, nearly all of it importing torch and Lightning), except one case of
+# each kept on the command line in make test; the other entries' cases, and tests/test_cli_errors.py, check the
+# one-line error and exit code 2 there
+CLI_CASES = {"train": "nifti-truncated-gzip", "predict": "nifti-inf", "evaluate": "checkpoint-truncated"}
+IN_PROCESS_CASES = [c for c in CASES if CLI_CASES.get(c.entry, c.id) != c.id]
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=(*c.marks, *([pytest.mark.slow] if c in CONFIG_CASES
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=(*c.marks, *([pytest.mark.slow] if c in IN_PROCESS_CASES
                                                                                else []))) for c in CASES])
 def test_bad_input_stops_cleanly(case: Case, tmp_path: Path, request):
     needs_run = any("{ckpt}" in o for o in case.overrides)
@@ -363,22 +364,37 @@ def test_bad_input_stops_cleanly(case: Case, tmp_path: Path, request):
     assert_clean_failure(proc, *case.needles, tmp_path=tmp_path, forbidden=outputs)
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CONFIG_CASES])
-def test_bad_train_input_stops_in_process(case: Case, tmp_path: Path, request):
-    """The train entry's cases through ``train(cfg)`` in this process: the error is an InputError whose line (what
-    the command line prints after ``error: ``, exit code 2, by :func:`exit_on_input_error`) holds every needle,
-    and nothing is left behind: no run output, no temporary file, no incomplete cache entry (the command-line
-    test's own checks, on that line)."""
+def run_in_process(entry: str, args: list[str], tmp_path: Path) -> None:
+    """What ``python -m landmark_unet.<entry> ARGS`` runs inside its ``@hydra.main``, in this process (the run
+    folder Hydra would make is given as the entry's own output key)."""
+    if entry == "train":
+        from landmark_unet.train import train
+
+        return train(compose_train(args, tmp_path))
+    from landmark_unet.evaluate import evaluate
+    from landmark_unet.predict import predict
+
+    extra = [f"output_dir={tmp_path / 'eval'}"] if entry == "evaluate" else []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=entry, overrides=[*args, *extra])
+    (evaluate if entry == "evaluate" else predict)(cfg)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in IN_PROCESS_CASES])
+def test_bad_input_stops_in_process(case: Case, tmp_path: Path, request):
+    """The train, predict and evaluate cases in this process: the error is an InputError whose line (what the
+    command line prints after ``error: ``, exit code 2, by :func:`exit_on_input_error`) holds every needle, and
+    nothing is left behind: no run output or prediction, no temporary file, no incomplete cache entry (the
+    command-line test's own checks, on that line)."""
     from landmark_unet.errors import input_error_of
-    from landmark_unet.train import train
 
     needs_run = any("{ckpt}" in o for o in case.overrides)
     world = make_world(tmp_path, request.getfixturevalue("trained") if needs_run else None)
     case.build(world)
-    _, base, outputs = ENTRY_POINTS["train"]
+    _, base, outputs = ENTRY_POINTS[case.entry]
     args = [a.format(**world.fields()) for a in (*base, *case.overrides) if not a.startswith("hydra.")]
     with pytest.raises(Exception) as info:
-        train(compose_train(args, tmp_path))
+        run_in_process(case.entry, args, tmp_path)
     bad = input_error_of(info.value)
     assert bad is not None, f"not an input error: {info.value!r}"
     line = subprocess.CompletedProcess(args, returncode=2, stdout="", stderr=f"error: {bad}\n")
