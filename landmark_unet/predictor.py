@@ -155,7 +155,7 @@ class Predictor:
 
 def outputs_of(case: str, prob: np.ndarray, masks: np.ndarray, organs: list[str], labelmap: bool,
                probabilities: bool) -> dict[str, np.ndarray]:
-    """File name -> array of one case's predictions (see the module docstring)."""
+    """File name -> array of one case's predictions (the files :mod:`landmark_unet.predict` describes)."""
     files: dict[str, np.ndarray] = {}
     if labelmap:
         label = np.zeros(prob.shape[1:], np.uint8)
