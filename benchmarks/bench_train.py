@@ -277,6 +277,7 @@ def run(steps: int = 3, rounds: int = 2, compile: bool | str = True, multitask: 
                 print(f"round {r} {p} {arm}: median {median(times) * 1e3:.2f} ms/step, slowest "
                       f"{max(times) * 1e3:.1f} ms", flush=True)
     peaks = {p: max(v, matmul_peak(PEAK_DTYPE[p], dev)) for p, v in peaks.items()}  # best of start and end
+    datasheet = {p: datasheet_peak(device_name(), p) for p in precisions}  # None on a CPU and in fp32
 
     out: dict = {"device": device_name(), "threads": torch.get_num_threads(), "steps_per_arm": steps,
                  "on_device": on_device,
@@ -288,8 +289,8 @@ def run(steps: int = 3, rounds: int = 2, compile: bool | str = True, multitask: 
         out[f"lightning_vs_plain_ratio_{tag[p]}"] = pt / lt
         out[f"matmul_peak_tflops_{tag[p]}"] = peaks[p] / 1e12
         out[f"mfu_{tag[p]}"] = flops / lt / peaks[p]
-        if datasheet_peak(out["device"], p):  # the same against the card's datasheet peak
-            out[f"mfu_datasheet_{tag[p]}"] = flops / lt / datasheet_peak(out["device"], p)
+        if datasheet[p]:  # the same against the card's datasheet peak
+            out[f"mfu_datasheet_{tag[p]}"] = flops / lt / datasheet[p]
         out[f"data_wait_fraction_{tag[p]}"] = sum(waits[p]) / sum(lightning[p])
         out[f"seconds_per_epoch_2d_{tag[p]}"] = STUDY_SLICES_PER_EPOCH / BATCH * lt
     fastest = min(precisions, key=lambda p: out[f"step_seconds_lightning_{tag[p]}"])
@@ -328,8 +329,8 @@ def run(steps: int = 3, rounds: int = 2, compile: bool | str = True, multitask: 
                 continue
             out[f"step_seconds_lightning_compiled_{tag[p]}"] = median(times)
             out[f"mfu_compiled_{tag[p]}"] = flops / median(times) / peaks[p]
-            if datasheet_peak(out["device"], p):
-                out[f"mfu_datasheet_compiled_{tag[p]}"] = flops / median(times) / datasheet_peak(out["device"], p)
+            if datasheet[p]:
+                out[f"mfu_datasheet_compiled_{tag[p]}"] = flops / median(times) / datasheet[p]
             out[f"compile_speedup_{tag[p]}"] = out[f"step_seconds_lightning_{tag[p]}"] / median(times)
             out[f"step_seconds_plain_compiled_{tag[p]}"] = median(plain_times)
             out[f"lightning_vs_plain_ratio_compiled_{tag[p]}"] = median(plain_times) / median(times)

@@ -110,10 +110,9 @@ def list_cases(
         InputError: a missing root or dataset.json, no case, an organ without label names, a label name not in
             dataset.json, a channel not in it.
     """
-    root = Path(root)
     if source not in LAYOUTS:
         raise InputError("data.source", f"unknown layout {source!r} (choose from {', '.join(LAYOUTS)})")
-    check_dataset_root(root)
+    root = check_dataset_root(Path(root))
     if source == "folder":
         cases = [folder_case(p, organs) for p in _subfolders(root, lambda p: any(
             (p / f).exists() for f in FOLDER_CHANNEL_FILES.values()))]
