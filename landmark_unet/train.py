@@ -41,9 +41,9 @@ def train(cfg: DictConfig) -> dict:
         EpochSeed,
         EpochTimer,
         MetricHistory,
-        RerunInterruptedValidation,
         SignatureCallback,
     )
+    from landmark_unet.lit.preemption import PreemptionCheckpoint
     from landmark_unet.postprocess import choose_on_validation
     from landmark_unet.runinfo import (
         checkpoint_callback,
@@ -76,7 +76,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule.setup("fit")  # read and validate the data before anything is written to the run
     timer, history = EpochTimer(), MetricHistory()
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    callbacks += [timer, history, RerunInterruptedValidation(), EpochSeed(cfg.seed), SignatureCallback(run_signature)]
+    callbacks += [timer, history, EpochSeed(cfg.seed), SignatureCallback(run_signature), PreemptionCheckpoint()]
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger, precision=resolve_precision(cfg.trainer.precision)

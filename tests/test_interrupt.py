@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 
 # every source of randomness an epoch has: oversampled draws, loader worker processes drawing random crops, on-device
@@ -169,62 +168,10 @@ def test_slurm_preemption_saves_requeues_and_resume_auto_finishes(reference, tmp
     assert resumed["resumed_from"] == str(newest)
     assert resumed["epochs"] == metrics["epochs"] and resumed["history"]["epoch"][-1] == 2
     # the signal can land in the epoch's training steps or in its validation; a checkpoint saved during validation
-    # runs that validation again (RerunInterruptedValidation, the next test), so no epoch is missing from the curves
+    # runs that validation again (PreemptionCheckpoint, test_preemption.py), so no epoch is missing from the curves
     assert resumed["history"]["epoch"] == [0, 1, 2]
     # a mid-epoch checkpoint finishes its epoch with freshly drawn batches: close to, not equal to, the reference
     assert resumed["test"].keys() == metrics["test"].keys()
-
-
-class SignalDuringValidation(pl.Callback):
-    """Sends this process SIGUSR1 once, after the first validation batch of epoch 1: SLURM's pre-emption warning
-    arriving between two validation batches."""
-
-    def __init__(self):
-        self.sent = False
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if not (self.sent or trainer.sanity_checking) and trainer.current_epoch == 1 and batch_idx == 0:
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
-def test_slurm_preemption_during_validation_validates_that_epoch_again(tmp_path, monkeypatch):
-    """Lightning writes the pre-emption checkpoint from its signal handler, here between two validation batches of
-    epoch 1. Continued from it, the run validates epoch 1 again from the start: its curves, best checkpoint and test
-    Dice equal an uninterrupted run's (without RerunInterruptedValidation the curves lacked epoch 1)."""
-    from conftest import compose_train
-    from omegaconf import OmegaConf
-
-    from landmark_unet.train import train
-
-    run = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
-           "model.net.features=4", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=8",
-           "data.split.rounds=3", "data.sampling=oversample", "trainer.max_epochs=3", "trainer.deterministic=true",
-           "optim=adam", "model.optimizer.lr=3e-3"]
-    reference = train(compose_train(run, tmp_path / "reference"))
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    for key, value in dict(SLURM_JOB_ID="4242", SLURM_JOB_NAME="landmark", SLURM_NTASKS="1", SLURM_PROCID="0",
-                           SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="1",
-                           PATH=f"{bin_dir}:{os.environ['PATH']}").items():
-        monkeypatch.setenv(key, value)
-    cfg = compose_train(run, tmp_path / "signalled")
-    OmegaConf.set_struct(cfg, False)
-    cfg.callbacks.pre_emption = {"_target_": f"{__name__}.SignalDuringValidation"}
-    train(cfg)  # saves hpc_ckpt_1.ckpt, asks scontrol to requeue, and (no SIGTERM here) runs on to the end
-    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
-    hpc = tmp_path / "signalled" / "run" / "hpc_ckpt_1.ckpt"
-    saved = torch.load(hpc, map_location="cpu", weights_only=True)
-    assert saved["callbacks"]["MetricHistory"]["history"]["epoch"] == [0]  # written during epoch 1's validation
-
-    resumed = train(compose_train(run + [f"ckpt_path={hpc}"], tmp_path / "resumed"))
-    assert resumed["history"]["epoch"] == [0, 1, 2]
-    assert resumed["history"] == reference["history"]
-    assert Path(resumed["checkpoint"]).name == Path(reference["checkpoint"]).name
-    assert resumed["test"] == reference["test"]
 
 
 def test_slurm_launcher_asks_for_the_signal_lightning_requeues_on(tmp_path, monkeypatch):

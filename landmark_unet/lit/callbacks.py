@@ -129,34 +129,3 @@ class SignatureCallback(pl.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[SIGNATURE_KEY] = dict(self.signature)
-
-
-class RerunInterruptedValidation(pl.Callback):
-    """Makes a checkpoint written while an epoch's validation is still running (Lightning's SLURM pre-emption
-    checkpoint, ``hpc_ckpt_<n>.ckpt``, is written from a signal handler wherever the run happens to be) resume by
-    running that validation again, from its first batch.
-
-    Lightning resumes such a checkpoint after the validation when it was written between two validation batches,
-    so the epoch's validation Dice never reached the curves (:class:`MetricHistory`) or the choice of the best
-    checkpoint. Here the saved progress of the validation loop is set to "inside its first batch", the state from
-    which Lightning runs the loop again; the metrics start empty (their states are not saved). Validation counts
-    as running from its start until this callback's ``on_validation_end``, which the trainer calls after
-    :class:`MetricHistory`'s (it comes later in the list) and before the checkpoint callbacks' (always last)."""
-
-    LOOP_KEY = "epoch_loop.val_loop.batch_progress"
-
-    def __init__(self):
-        self._running = False
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._running = not trainer.sanity_checking
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        self._running = False
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get(self.LOOP_KEY)
-        if self._running and progress is not None:
-            for counts in (progress["total"], progress["current"]):
-                counts.update(ready=1, started=1, processed=0, completed=0)
-            progress["is_last_batch"] = False

@@ -1,0 +1,253 @@
+"""The SLURM pre-emption checkpoint (Lightning's ``hpc_ckpt_<n>.ckpt``, written when the job receives SIGUSR1) is
+written only where the run continues from it exactly (:class:`~landmark_unet.lit.preemption.PreemptionCheckpoint`),
+wherever the signal lands: inside an optimizer step, between an epoch's last batch and its validation, during
+validation, after the last epoch. In-process runs with a fake SLURM environment and a fake ``scontrol``; the
+command-line version (SIGUSR1, then SIGTERM, then the requeued job) is in test_interrupt.py."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import compose_train
+from omegaconf import OmegaConf
+
+from landmark_unet.lit.segmentation import SegmentationModule
+from landmark_unet.train import train
+
+RUN = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
+       "model.net.features=4", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=8",
+       "data.split.rounds=3", "data.sampling=oversample", "trainer.max_epochs=3", "trainer.deterministic=true",
+       "optim=adam", "model.optimizer.lr=3e-3"]
+EPOCH = 1  # the epoch the signal arrives in (0-based, of 3)
+
+
+def signal_me() -> None:
+    os.kill(os.getpid(), signal.SIGUSR1)  # delivered before the next Python instruction of this (main) thread
+
+
+class SignalInOptimizerStep(pl.Callback):
+    """SIGUSR1 from inside the optimizer step of one training batch of epoch 1 (the first or the last), after the
+    weights are updated and before Lightning counts the step."""
+
+    def __init__(self, batch: str):
+        self.batch, self.sent, self.batch_idx = batch, False, -1
+
+    def on_train_start(self, trainer, pl_module):
+        def post_step(optimizer, args, kwargs):
+            last = trainer.num_training_batches - 1
+            target = {"first": 0, "last": last}[self.batch]
+            if not self.sent and trainer.current_epoch == EPOCH and self.batch_idx == target:
+                self.sent = True
+                signal_me()
+        trainer.optimizers[0].register_step_post_hook(post_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch_idx = batch_idx
+
+
+class SignalDuringValidation(pl.Callback):
+    """SIGUSR1 after the first validation batch of epoch 1: between two validation batches."""
+
+    def __init__(self):
+        self.sent = False
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not (self.sent or trainer.sanity_checking) and trainer.current_epoch == EPOCH and batch_idx == 0:
+            self.sent = True
+            signal_me()
+
+
+class SignalAfterTheLastEpoch(pl.Callback):
+    """SIGUSR1 at the end of the last training epoch, after its validation: nothing but ``on_train_end`` follows."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            signal_me()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run and its last checkpoint."""
+    tmp = tmp_path_factory.mktemp("reference")
+    metrics = train(compose_train(RUN, tmp))
+    return metrics, torch.load(tmp / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """A SLURM job's environment (Lightning's SLURM plugin with auto-requeue) and an ``scontrol`` that logs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    for key, value in dict(SLURM_JOB_ID="4242", SLURM_JOB_NAME="landmark", SLURM_NTASKS="1", SLURM_PROCID="0",
+                           SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="1",
+                           PATH=f"{bin_dir}:{os.environ['PATH']}").items():
+        monkeypatch.setenv(key, value)
+    return log
+
+
+def adam_steps(ckpt: dict) -> set[int]:
+    """Adam's step count of every parameter in a checkpoint."""
+    return {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+
+
+def signalled_run(tmp_path, sender: dict | None = None) -> tuple[dict, Path]:
+    cfg = compose_train(RUN, tmp_path / "signalled")
+    if sender is not None:
+        OmegaConf.set_struct(cfg, False)
+        cfg.callbacks.pre_emption = sender
+    train(cfg)  # saves hpc_ckpt_1.ckpt, asks scontrol to requeue, and (no SIGTERM here) runs on to the end
+    hpc = tmp_path / "signalled" / "run" / "hpc_ckpt_1.ckpt"
+    return torch.load(hpc, map_location="cpu", weights_only=True), hpc
+
+
+def resume(tmp_path, hpc: Path) -> dict:
+    return train(compose_train(RUN + [f"ckpt_path={hpc}"], tmp_path / "resumed"))
+
+
+def same_run(resumed: dict, reference: dict) -> None:
+    assert resumed["history"]["epoch"] == [0, 1, 2]
+    assert resumed["history"] == reference["history"]
+    assert Path(resumed["checkpoint"]).name == Path(reference["checkpoint"]).name
+    assert resumed["test"] == reference["test"]
+
+
+@pytest.mark.parametrize("batch", ["first", "last"])
+def test_a_signal_inside_an_optimizer_step_saves_at_the_end_of_the_batch(reference, fake_slurm, tmp_path, batch):
+    """Lightning alone saved the updated weights with the step not yet counted: the continued run applied that
+    batch twice (Adam's step count ended one above the trainer's). Saved at the batch end, the counts agree, and a
+    checkpoint of an epoch's last batch continues exactly as the uninterrupted run (validation, later epochs)."""
+    ref_metrics, ref_last = reference
+    target = f"{__name__}.SignalInOptimizerStep"
+    saved, hpc = signalled_run(tmp_path, {"_target_": target, "batch": batch})
+    assert fake_slurm.read_text().split() == ["requeue", "4242"]
+    assert saved["epoch"] == EPOCH
+    assert adam_steps(saved) == {saved["global_step"]}  # the batch's update is in the weights and counted
+
+    metrics = resume(tmp_path, hpc)
+    last = torch.load(tmp_path / "resumed" / "run" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=True)
+    assert last["global_step"] == ref_last["global_step"]
+    assert adam_steps(last) == {ref_last["global_step"]}  # no batch applied twice
+    if batch == "last":
+        same_run(metrics, ref_metrics)
+    else:  # a mid-epoch checkpoint finishes its epoch with freshly drawn batches: the same epochs, other numbers
+        assert metrics["history"]["epoch"] == [0, 1, 2]
+
+
+def test_a_signal_before_validation_starts_runs_that_validation(reference, fake_slurm, tmp_path, monkeypatch):
+    """Between an epoch's last training batch and its validation (here where Lightning zeroes the gradients before
+    validating; on a cluster, while the validation loader starts its workers) Lightning alone wrote a checkpoint it
+    then took for one written after validation: the continued run skipped that validation, and the epoch was
+    missing from the curves and from the choice of the best checkpoint."""
+    original = SegmentationModule.on_validation_model_zero_grad
+    sent = []
+
+    def zero_grad_then_signal(self):
+        original(self)
+        if not sent and not self.trainer.sanity_checking and self.trainer.current_epoch == EPOCH:
+            sent.append(True)
+            signal_me()
+
+    monkeypatch.setattr(SegmentationModule, "on_validation_model_zero_grad", zero_grad_then_signal)
+    saved, hpc = signalled_run(tmp_path)
+    monkeypatch.undo()
+    assert sent and saved["callbacks"]["MetricHistory"]["history"]["epoch"] == [0]
+    same_run(resume(tmp_path, hpc), reference[0])
+
+
+def test_a_signal_during_validation_runs_that_validation_again(reference, fake_slurm, tmp_path):
+    """Written between two validation batches, the checkpoint continues by validating that epoch again from its
+    first batch (Lightning alone continued after the validation, and the epoch was missing from the curves)."""
+    saved, hpc = signalled_run(tmp_path, {"_target_": f"{__name__}.SignalDuringValidation"})
+    assert saved["callbacks"]["MetricHistory"]["history"]["epoch"] == [0]  # written during epoch 1's validation
+    same_run(resume(tmp_path, hpc), reference[0])
+
+
+def test_a_signal_after_the_last_epoch_saves_a_finished_fit(reference, fake_slurm, tmp_path):
+    """After the last epoch's validation the checkpoint waits for the end of training; continued from it, the run
+    trains nothing more and tests the same best checkpoint."""
+    saved, hpc = signalled_run(tmp_path, {"_target_": f"{__name__}.SignalAfterTheLastEpoch"})
+    assert fake_slurm.read_text().split() == ["requeue", "4242"]
+    assert saved["callbacks"]["MetricHistory"]["history"]["epoch"] == [0, 1, 2]
+    assert saved["global_step"] == reference[1]["global_step"]
+    resumed = resume(tmp_path, hpc)
+    same_run(resumed, reference[0])
+    assert not (tmp_path / "resumed" / "run" / "checkpoints").exists()  # it trained nothing more
+
+
+def test_without_slurm_the_signal_handler_is_left_alone(tmp_path):
+    """Outside SLURM there is no requeue handler to move: SIGUSR1 keeps whatever handler the process had."""
+    before = signal.getsignal(signal.SIGUSR1)
+    cfg = compose_train(RUN + ["trainer.max_epochs=1"], tmp_path)
+    OmegaConf.set_struct(cfg, False)
+    seen = []
+    cfg.callbacks.probe = {"_target_": f"{__name__}.HandlerProbe"}
+    HandlerProbe.seen = seen
+    train(cfg)
+    assert seen == [before]
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+class HandlerProbe(pl.Callback):
+    seen: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            HandlerProbe.seen.append(signal.getsignal(signal.SIGUSR1))
+
+
+DDP_RUN = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
+           "model.net.features=4", "data.num_workers=0", "data.batch_size=2", "data.split.rounds=3",
+           "data.sampling=oversample", "trainer.max_epochs=4", "optim=adam", "trainer=ddp",
+           "trainer.accelerator=cpu", "~callbacks.progress", "trainer.enable_progress_bar=false"]
+
+
+def test_under_ddp_a_signal_to_one_rank_saves_once_with_every_rank(tmp_path):
+    """Two ranks started as SLURM starts them (srun: one process per task, SLURM_PROCID), the pre-emption signal
+    sent to rank 1 only. The ranks agree on it at a training batch end and write one consistent checkpoint
+    together (saving ends with a barrier: Lightning alone had rank 1 wait in it while rank 0 trained on), rank 0
+    requeues the job once, and both finish."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "landmark", "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "LANDMARK_UNET_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "landmark_unet.train", *DDP_RUN, f"hydra.run.dir={run}", "cpu_threads=1"]
+    ranks = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}) for r in (0, 1)]
+    try:
+        t0 = time.monotonic()
+        while not (run / "checkpoints" / "last.ckpt").exists():  # epoch 0 is over: the ranks are training
+            assert all(p.poll() is None for p in ranks), ranks[0].stderr.read()[-3000:]
+            assert time.monotonic() - t0 < 300
+            time.sleep(0.05)
+        ranks[1].send_signal(signal.SIGUSR1)
+        codes = [p.wait(timeout=120) for p in ranks]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0], ranks[0].stderr.read()[-3000:] + ranks[1].stderr.read()[-3000:]
+    assert log.read_text().split() == ["requeue", "4242"]
+    saved = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    assert adam_steps(saved) == {saved["global_step"]}
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 4
