@@ -4,6 +4,7 @@ the YAML files a run leaves in its ``.hydra`` folder."""
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from landmark_unet.data.layouts import check_dataset_root
 from landmark_unet.data.organs import ORGANS
-from landmark_unet.errors import InputError
+from landmark_unet.errors import InputError, input_error_of
 from landmark_unet.landmarks.distance import COMBINES, ENCODINGS, SPACES, UNITS, map_channels
 
 CONTENTS = {"fat": ["fat"], "water": ["water"], "both": ["fat", "water"], "single": ["single"]}
@@ -53,13 +54,43 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def instantiate_setting(node, **kwargs):
+    """``hydra.utils.instantiate(node, **kwargs)``, with a constructor that rejects its arguments reported as bad
+    input: its ValueError, TypeError (an unknown or missing argument) or Lightning's MisconfigurationException
+    becomes an :class:`InputError` naming the config key Hydra was instantiating (``model.net``, ``trainer``) and
+    the constructor's message (``error: model.net: in_channels, features and depth must be >= 1, got 2, -1, 4``).
+
+    Raises:
+        InputError: as above.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if input_error_of(err) is not None or not _rejects_arguments(cause):
+            raise
+        key = re.search(r"^full_key: (\S+)$", str(err), re.MULTILINE)
+        where = key.group(1) if key else str(node._get_full_key(None) or "config")
+        line = (str(cause).strip().splitlines() or [cause.__class__.__name__])[0]
+        raise InputError(where, line) from err
+
+
+def _rejects_arguments(err: BaseException | None) -> bool:
+    return isinstance(err, (ValueError, TypeError)) or any(
+        cls.__name__ == "MisconfigurationException" for cls in type(err).__mro__)
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the experiment keys before anything is built or read, so that a bad setting stops the run at once
     with the key named (rather than as a shape error inside the first training step).
 
     Checked: ``organ`` and ``content`` are known; the landmark-map settings (:func:`validate_landmarks`); the
-    network agrees with the data (:func:`validate_model_inputs`); a real dataset's ``data.root`` is a folder. Keys a
-    config lacks are not checked.
+    augmentation ranges (:func:`validate_augmentation`); the network agrees with the data
+    (:func:`validate_model_inputs`); a real dataset's ``data.root`` is a folder. Keys a config lacks are not
+    checked. What the constructors themselves reject is reported by :func:`instantiate_setting`.
 
     Raises:
         InputError: naming the key and what is wrong.
@@ -75,7 +106,12 @@ def validate(cfg: DictConfig) -> None:
     validate_head(cfg)
     if cfg.get("landmarks") is not None:
         validate_landmarks(cfg.landmarks)
-    if OmegaConf.select(cfg, "model.net") is not None and cfg.get("data") is not None:
+    if cfg.get("augmentation") is not None:
+        validate_augmentation(cfg.augmentation)
+    net = OmegaConf.select(cfg, "model.net")
+    if net is not None and not isinstance(net, DictConfig):
+        raise InputError("model.net", f"must be a network's settings (a mapping with _target_), got {net!r}")
+    if net is not None and cfg.get("data") is not None:
         validate_model_inputs(cfg)
 
 
@@ -112,6 +148,28 @@ def validate_landmarks(landmarks: DictConfig) -> None:
         raise InputError("landmarks.sigma_mm", f"must be a number > 0, got {sigma!r}")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_augmentation(augmentation: DictConfig) -> None:
+    """The ``augmentation`` group: ``rotation``, ``scale`` and ``shear`` are ranges ``[low, high]`` of numbers with
+    low <= high (degrees; a zoom factor above 0 for scale); ``p`` is a probability."""
+    for key in ("rotation", "scale", "shear"):
+        value = augmentation.get(key)
+        if value is None:
+            continue
+        pair = list(value) if OmegaConf.is_list(value) else None
+        if pair is None or len(pair) != 2 or not all(map(_is_number, pair)) or pair[0] > pair[1]:
+            raise InputError(f"augmentation.{key}", f"must be a range [low, high] of two numbers with low <= high, "
+                                                    f"got {OmegaConf.to_object(value) if pair else value!r}")
+        if key == "scale" and pair[0] <= 0:
+            raise InputError("augmentation.scale", f"zoom factors must be above 0, got {pair}")
+    p = augmentation.get("p")
+    if p is not None and not (_is_number(p) and 0 <= p <= 1):
+        raise InputError("augmentation.p", f"must be a probability in [0, 1], got {p!r}")
+
+
 def validate_model_inputs(cfg: DictConfig) -> None:
     """The network (``model.net``) can take what the data module feeds it.
 
@@ -124,6 +182,10 @@ def validate_model_inputs(cfg: DictConfig) -> None:
       must be a multiple of it, and a training ``data.crop`` a positive multiple of ``data.pad_multiple``.
     """
     net, data = cfg.model.net, cfg.data
+    for key in ("features", "depth"):  # before the checks below, which take them for granted
+        value = net.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise InputError(f"model.net.{key}", f"must be a whole number >= 1, got {value!r}")
     target = net.get("_target_")
     name = str(target).rsplit(".", 1)[-1]
     fusion = data.get("fusion", "none")

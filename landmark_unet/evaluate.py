@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from landmark_unet import host_memory
 from landmark_unet.config import load_run_config, quiet_third_party
-from landmark_unet.errors import InputError, exit_on_input_error
+from landmark_unet.errors import InputError, exit_on_input_error, run_hydra_main
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -56,4 +56,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from landmark_unet.checkpoint import load_weights, signature
-from landmark_unet.config import load_run_config, resolve_precision, saved_overrides
+from landmark_unet.config import instantiate_setting, load_run_config, resolve_precision, saved_overrides
 from landmark_unet.data import geometry
 from landmark_unet.data.layouts import LabelPart, labelled_organs, list_cases
 from landmark_unet.data.organs import organ_bit
@@ -59,9 +58,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     split_file = Path(cfg.split_file) if cfg.get("split_file") else run_dir / "splits.json"
     run_cfg.data.split.file = str(split_file)
     run_cfg.data.splits_out = None
-    model = instantiate(run_cfg.model)
+    model = instantiate_setting(run_cfg.model)
     load_weights(model, ckpt, signature(run_cfg))  # before the data: a bad checkpoint stops at once
-    datamodule = instantiate(run_cfg.data)
+    datamodule = instantiate_setting(run_cfg.data)
     datamodule.setup("test")
     precision = resolve_precision(cfg.precision)
     trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, precision=precision,

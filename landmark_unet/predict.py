@@ -32,7 +32,7 @@ from tqdm import tqdm
 from landmark_unet import host_memory
 from landmark_unet.config import load_run_config, quiet_third_party
 from landmark_unet.data.layouts import Case, input_cases
-from landmark_unet.errors import InputError, exit_on_input_error
+from landmark_unet.errors import InputError, exit_on_input_error, run_hydra_main
 
 
 def checkpoints(value) -> list[Path]:
@@ -98,4 +98,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)

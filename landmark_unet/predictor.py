@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from landmark_unet.checkpoint import load_weights, signature
-from landmark_unet.config import load_run_config, resolve_precision
+from landmark_unet.config import instantiate_setting, load_run_config, resolve_precision
 from landmark_unet.data import geometry
 from landmark_unet.data.cache import CT_WINDOW, normalise_image, resolve_normalisation
 from landmark_unet.data.layouts import Case
@@ -73,7 +72,7 @@ class Predictor:
         models, first = [], None
         for path in ckpts:
             run_cfg, run_dir = load_run_config(path)
-            model = instantiate(run_cfg.model)
+            model = instantiate_setting(run_cfg.model)
             load_weights(model, path, signature(run_cfg))
             models.append(inference_network(model, device, compile))
             data = OmegaConf.to_container(run_cfg.data, resolve=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from landmark_unet.data.cache import remove_stale_builds, temporary_name
-from landmark_unet.errors import InputError, exit_on_input_error
+from landmark_unet.errors import InputError, exit_on_input_error, run_hydra_main
 
 GIB = 1024**3
 KINDS = ("phantom", "subjects")  # the cache's sub-folders that hold prunable folders
@@ -123,7 +123,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     import hydra
 
-    hydra.main(version_base="1.3", config_path="../conf", config_name="prune_cache")(_main)()
+    run_hydra_main(hydra.main(version_base="1.3", config_path="../conf", config_name="prune_cache")(_main))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from landmark_unet import host_memory
-from landmark_unet.config import quiet_third_party, resolve_precision, validate
+from landmark_unet.config import instantiate_setting, quiet_third_party, resolve_precision, validate
+from landmark_unet.errors import run_hydra_main
 from landmark_unet.launch import check_ddp_launch, in_multirun, job_guard, pin_local_job_gpu, set_cpu_threads
 from landmark_unet.resume import is_done, resolve_start
 
@@ -43,6 +43,7 @@ def train(cfg: DictConfig) -> dict:
         MetricHistory,
         SignatureCallback,
     )
+    from landmark_unet.lit.optimizer import check_optimisation
     from landmark_unet.lit.preemption import PreemptionCheckpoint
     from landmark_unet.postprocess import choose_on_validation
     from landmark_unet.runinfo import (
@@ -68,19 +69,20 @@ def train(cfg: DictConfig) -> dict:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
 
-    model = instantiate(cfg.model)
+    model = instantiate_setting(cfg.model)
+    check_optimisation(model)
     run_signature = signature(cfg)
     if start.checkpoint is not None:  # refuse a bad or another model's checkpoint before anything is written
         check_checkpoint(start.checkpoint, read_checkpoint(start.checkpoint), run_signature, model)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")  # read and validate the data before anything is written to the run
+    datamodule = instantiate_setting(cfg.data)
     timer, history = EpochTimer(), MetricHistory()
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    callbacks = [instantiate_setting(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     callbacks += [timer, history, EpochSeed(cfg.seed), SignatureCallback(run_signature), PreemptionCheckpoint()]
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer: pl.Trainer = instantiate(
+    logger = instantiate_setting(cfg.logger) if cfg.get("logger") else False
+    trainer: pl.Trainer = instantiate_setting(
         cfg.trainer, callbacks=callbacks, logger=logger, precision=resolve_precision(cfg.trainer.precision)
     )
+    datamodule.setup("fit")  # every setting accepted: read and validate the data before the run writes anything
     trainer.fit(model, datamodule=datamodule, ckpt_path=start.checkpoint, weights_only=True)
     curves = history.history  # testing the best checkpoint below restores that epoch's callback states
     warnings = nothing_predicted(curves)
@@ -130,5 +132,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_main(main)
 

@@ -54,6 +54,27 @@ def test_an_input_error_wrapped_by_instantiate_is_reported_as_bad_input(capsys, 
     assert capsys.readouterr().err == "error: data.crop: must be a positive multiple of 16, got 100\n"
 
 
+def test_a_constructor_rejecting_its_arguments_is_bad_input_named_by_its_key():
+    """instantiate_setting: a ValueError or TypeError of the constructor becomes an InputError naming the key Hydra
+    was instantiating, with the constructor's message; any other error stays what it is."""
+    from omegaconf import OmegaConf
+
+    from landmark_unet.config import instantiate_setting
+
+    cfg = OmegaConf.create({"model": {"net": {"_target_": "landmark_unet.models.unet2d.UNet2d", "in_channels": 2,
+                                              "features": 0}}})
+    with pytest.raises(InputError) as bad:
+        instantiate_setting(cfg.model)
+    assert str(bad.value) == "model.net: in_channels, features and depth must be >= 1, got 2, 0, 4"
+    cfg.model.net.features = 4
+    cfg.model.net.featurs = 3
+    with pytest.raises(InputError, match=r"^model.net: .*unexpected keyword argument 'featurs'"):
+        instantiate_setting(cfg.model)
+    with pytest.raises(Exception) as bug:
+        instantiate_setting(OmegaConf.create({"_target_": "builtins.open", "file": "/nonexistent/x"}))
+    assert input_error_of(bug.value) is None  # FileNotFoundError: not a rejected argument
+
+
 def test_other_errors_are_not_taken_for_bad_input():
     """A bug stays a stack trace: only an InputError (or an exception raised from one) becomes exit code 2."""
     with pytest.raises(ValueError), exit_on_input_error():
@@ -61,6 +82,35 @@ def test_other_errors_are_not_taken_for_bad_input():
             raise KeyError("x")
         except KeyError as err:
             raise ValueError("a bug") from err
+
+
+@pytest.mark.parametrize("module, arguments, needles", [
+    ("landmark_unet.train", ["model=unet9"], ["error: model: no option 'unet9'", "unet3d_full"]),
+    ("landmark_unet.train", ["model.net.featurs=3"], ["model.net.featurs", "+model.net.featurs=3"]),
+    ("landmark_unet.train", ["trainer.max_epochs=[1"], ["trainer.max_epochs=[1", "cannot parse"]),
+    ("landmark_unet.train", ["hydra/launcher=nope"], ["hydra/launcher", "'nope'", "slurm"]),
+    ("landmark_unet.evaluate", ["ckptt=x"], ["ckptt"]),
+    ("landmark_unet.predict", ["~outputt"], ["outputt", "does not exist"]),
+    ("landmark_unet.data.phantom", ["+seed=3"], ["seed", "++seed=3"]),
+    ("landmark_unet.prune_cache", ["keep_dayz=3"], ["keep_dayz"]),
+])
+def test_hydra_command_line_errors_are_one_line(tmp_path, module, arguments, needles):
+    """What Hydra itself rejects (a key the config lacks, a config group option that does not exist, an override
+    that does not parse) is one line and exit code 2 as well (Hydra alone: several lines, exit code 1)."""
+    proc = run_cli(module, [f"hydra.run.dir={tmp_path / 'run'}", *arguments], tmp_path)
+    assert_clean_failure(proc, *needles, tmp_path=tmp_path)
+
+
+def test_run_hydra_main_leaves_other_errors_alone(monkeypatch):
+    from landmark_unet.errors import run_hydra_main
+
+    monkeypatch.delenv("LANDMARK_UNET_DEBUG", raising=False)
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_hydra_main(broken)
 
 
 @pytest.mark.parametrize("entry, arguments, message", [

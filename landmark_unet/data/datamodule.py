@@ -197,6 +197,10 @@ class SliceDataModule(pl.LightningDataModule):
             raise InputError("data.foreground_fraction", f"must be in (0, 1], got {foreground_fraction}")
         if batch_size < 1:
             raise InputError("data.batch_size", f"must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise InputError("data.eval_batch_size", f"must be >= 1 (or null: data.batch_size), got {eval_batch_size}")
+        if num_workers < 0:
+            raise InputError("data.num_workers", f"must be >= 0 (0: load in the training process), got {num_workers}")
         self.source = source
         self.root = root
         self.cache_dir = Path(cache_dir)

@@ -81,7 +81,7 @@ import numpy as np
 
 from landmark_unet.data.nifti import atomic_write_bytes, save_nifti
 from landmark_unet.data.organs import ORGANS
-from landmark_unet.errors import InputError, exit_on_input_error
+from landmark_unet.errors import InputError, exit_on_input_error, run_hydra_main
 from landmark_unet.landmarks.io import write_landmarks
 
 PHANTOM_VERSION = "landmark_unet.phantom/1"
@@ -1570,7 +1570,7 @@ def main() -> None:
     """Hydra entry point: ``python -m landmark_unet.data.phantom out_dir=DIR n_subjects=N shape=[X,Y,Z] seed=S``."""
     import hydra
 
-    hydra.main(version_base="1.3", config_path="../../conf", config_name="phantom")(_main)()
+    run_hydra_main(hydra.main(version_base="1.3", config_path="../../conf", config_name="phantom")(_main))
 
 
 if __name__ == "__main__":

@@ -48,3 +48,28 @@ def compile_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
     optimizer.step = types.MethodType(step, optimizer)
     return optimizer
+
+
+def check_optimisation(module) -> None:
+    """Builds the optimiser (``model.optimizer``) and LR scheduler (``model.scheduler``) of ``module`` (a
+    :class:`~landmark_unet.lit.segmentation.SegmentationModule`) once on its parameters, and drops them: a setting
+    torch rejects (a negative learning rate, an argument the class does not take) stops the run before anything is
+    trained, with the key named, rather than as a stack trace when Lightning builds them.
+
+    Raises:
+        InputError: ``model.optimizer`` or ``model.scheduler``, and torch's message.
+    """
+    from landmark_unet.errors import InputError
+
+    def rejected(key: str, err: Exception) -> InputError:
+        return InputError(key, (str(err).strip().splitlines() or [err.__class__.__name__])[0])
+
+    try:
+        optimizer = module.optimizer_factory(params=module.parameters())
+    except (ValueError, TypeError) as err:
+        raise rejected("model.optimizer", err) from None
+    if module.scheduler_factory is not None:
+        try:
+            module.scheduler_factory(optimizer=optimizer)
+        except (ValueError, TypeError) as err:
+            raise rejected("model.scheduler", err) from None
