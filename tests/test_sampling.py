@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from landmark_unet.data.slices import EpochShuffle, ForegroundOversampler
+from landmark_unet.data.slices import EpochShuffle, ForegroundOversampler, SkipTrained
 
 
 def test_oversampler_fraction_and_determinism():
@@ -46,3 +46,30 @@ def test_epoch_draw_depends_on_seed_and_epoch_only(make):
 
 def test_shuffle_is_a_permutation():
     assert sorted(EpochShuffle(40, seed=0)) == list(range(40))
+
+
+def test_skip_trained_moves_the_trained_draws_of_one_pass_to_its_end():
+    """A run continued mid-epoch: the draws already trained on go last (never reached), once."""
+    full = list(EpochShuffle(20, seed=1, epoch=3))
+    sampler = SkipTrained(EpochShuffle(20, seed=1, epoch=3), 8)
+    assert len(sampler) == 20
+    assert list(sampler) == full[8:] + full[:8]
+    sampler.set_epoch(3)  # reaches the wrapped sampler; later passes are whole
+    assert list(sampler) == full
+
+
+@pytest.mark.parametrize("n, batch, ranks, done", [(23, 2, 2, 3), (40, 4, 2, 1), (37, 3, 3, 2), (16, 8, 1, 1)])
+def test_skip_trained_under_lightnings_ddp_wrapper_gives_each_rank_the_batches_it_had_left(n, batch, ranks, done):
+    """Under DDP Lightning wraps the sampler (DistributedSamplerWrapper); skipping done x batch x ranks draws
+    gives every rank the rest of the share it would have drawn uninterrupted."""
+    from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+
+    def shares(sampler_of):
+        return [list(DistributedSamplerWrapper(sampler_of(), num_replicas=ranks, rank=r, shuffle=False))
+                for r in range(ranks)]
+
+    uninterrupted = shares(lambda: EpochShuffle(n, seed=0, epoch=0))
+    resumed = shares(lambda: SkipTrained(EpochShuffle(n, seed=0, epoch=0), done * batch * ranks))
+    for before, after in zip(uninterrupted, resumed):
+        left = before[done * batch:]
+        assert after[:len(left)] == left

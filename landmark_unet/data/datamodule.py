@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from landmark_unet.data.slices import (
     EpochShuffle,
     EvalShardSampler,
     ForegroundOversampler,
+    SkipTrained,
     SliceDataset,
     collate,
     epoch_seed,
@@ -94,6 +96,18 @@ def training_epoch(trainer: pl.Trainer) -> int:
     ``set_epoch``. (``trainer.current_epoch`` still counts the last finished epoch while a run resumed from an
     epoch-end checkpoint builds its loaders.)"""
     return int(trainer.fit_loop.epoch_progress.current.processed)
+
+
+def samples_trained_this_epoch(trainer: pl.Trainer | None, batch_size: int, draws: int) -> int:
+    """How many of an epoch's ``draws`` (its sampler's pass, over all ranks) a run continued from a mid-epoch
+    checkpoint has trained on already: its completed batches x ``batch_size`` x ranks. 0 when the run starts an
+    epoch (a new run, or one continued from an epoch-end checkpoint)."""
+    if trainer is None:
+        return 0
+    progress, ranks = trainer.fit_loop.epoch_loop.batch_progress, int(trainer.world_size)
+    batches = math.ceil(math.ceil(draws / ranks) / batch_size)  # per rank (Lightning's DDP wrapper pads)
+    done = int(progress.current.processed)
+    return done * batch_size * ranks if 0 < done < batches and not progress.is_last_batch else 0
 
 
 class SliceDataModule(pl.LightningDataModule):
@@ -394,7 +408,8 @@ class SliceDataModule(pl.LightningDataModule):
         """Training slices in an order drawn from (seed, epoch) alone (:class:`~landmark_unet.data.slices.EpochSampler`):
         the organ slices shuffled (``sampling=organ_only``) or foreground-oversampled draws (``oversample``). The
         loader has a generator of its own (seeded from (seed, epoch, rank); the seeds of its workers), so that
-        building and iterating it never draws from torch's global generator."""
+        building and iterating it never draws from torch's global generator. A run continued from a mid-epoch
+        checkpoint leaves out the draws that epoch has trained on (:func:`samples_trained_this_epoch`)."""
         trainer = self.trainer
         epoch = training_epoch(trainer) if trainer is not None else 0  # a resumed run starts at its epoch
         rank = trainer.global_rank if trainer else 0
@@ -405,7 +420,9 @@ class SliceDataModule(pl.LightningDataModule):
                               self.foreground_fraction, self.samples_per_epoch, seed=epoch_seed(self.seed, 0, rank),
                               distance_key=self.distance_key if self.fusion != "none" else None,
                               subject_ids=[self.subject_id(n) for n in names], epoch=epoch)
-            return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
+            skip = samples_trained_this_epoch(trainer, self.batch_size, len(ds))
+            sampler = SkipTrained(torch.utils.data.SequentialSampler(ds), skip) if skip else None
+            return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, sampler=sampler,
                               pin_memory=torch.cuda.is_available(), generator=generator)
         if self.sampling == "organ_only":
             ds = self.dataset("train", organ_slices_only=True)
@@ -420,6 +437,9 @@ class SliceDataModule(pl.LightningDataModule):
                 raise InputError("organ", f"no training slice holds {'/'.join(self.organs)}")
             sampler = ForegroundOversampler(np.flatnonzero(holds), len(ds), self.foreground_fraction,
                                             seed=self.seed, epoch=epoch)
+        skip = samples_trained_this_epoch(trainer, self.batch_size, len(sampler))
+        if skip:  # continued mid-epoch: the rest of the epoch's draw (the same slices; crops drawn afresh)
+            sampler = SkipTrained(sampler, skip)
         # random crops are drawn in the workers: workers started afresh each epoch take that epoch's seeds
         return self._loader(ds, self.batch_size, "train", sampler=sampler, generator=generator,
                             persistent=self.crop is None)

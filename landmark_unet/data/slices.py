@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -258,3 +259,28 @@ class EvalShardSampler(torch.utils.data.DistributedSampler):
 
     def __len__(self) -> int:
         return len(self.positions)
+
+
+class SkipTrained(torch.utils.data.Sampler[int]):
+    """``sampler`` with the first ``skip`` indices of its next pass moved to that pass's end: the samples a run
+    continued from a mid-epoch checkpoint (a SLURM pre-emption) has already trained on in that epoch, since the
+    loader's position is not saved. Lightning ends the epoch after the batches the checkpoint says are left, so the
+    moved indices are never trained on; they stay in the pass because under DDP Lightning's sampler wrapper indexes
+    a whole pass. Later passes are the wrapped sampler's own. ``set_epoch`` reaches the wrapped sampler."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, skip: int):
+        self.sampler = sampler
+        self.skip = int(skip)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        indices = iter(self.sampler)
+        trained = list(itertools.islice(indices, skip))
+        return itertools.chain(indices, trained)

@@ -8,8 +8,8 @@ from some of those places the checkpoint does not continue correctly:
   - after an epoch's last training batch and before its validation has started (the validation loader starting its
     workers), or between two validation batches: the continued run skips that epoch's validation, so its Dice never
     reaches the curves or the choice of the best checkpoint.
-A checkpoint written mid-epoch continues that epoch with freshly drawn batches (the loader's position is not
-saved; Lightning warns about it): the same number of steps, not the same samples.
+A checkpoint written mid-epoch continues that epoch with the draws it had not reached
+(:class:`~landmark_unet.data.slices.SkipTrained`); random crops and augmentation are drawn afresh.
 """
 
 from __future__ import annotations
