@@ -72,8 +72,8 @@ def instantiate_setting(node, **kwargs):
         cause = err.__cause__
         if input_error_of(err) is not None or not _rejects_arguments(cause):
             raise
-        key = re.search(r"^full_key: (\S+)$", str(err), re.MULTILINE)
-        where = key.group(1) if key else str(node._get_full_key(None) or "config")
+        key = re.search(r"^full_key: (\S+)$", str(err), re.MULTILINE)  # Hydra's report names the node
+        where = key.group(1) if key else "config"
         line = (str(cause).strip().splitlines() or [cause.__class__.__name__])[0]
         raise InputError(where, line) from err
 
