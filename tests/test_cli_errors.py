@@ -88,11 +88,11 @@ def test_other_errors_are_not_taken_for_bad_input():
     ("landmark_unet.train", ["model=unet9"], ["error: model: no option 'unet9'", "unet3d_full"]),
     ("landmark_unet.train", ["model.net.featurs=3"], ["model.net.featurs", "+model.net.featurs=3"]),
     ("landmark_unet.train", ["trainer.max_epochs=[1"], ["trainer.max_epochs=[1", "cannot parse"]),
-    ("landmark_unet.train", ["hydra/launcher=nope"], ["hydra/launcher", "'nope'", "slurm"]),
+    pytest.param("landmark_unet.train", ["hydra/launcher=nope"], ["hydra/launcher", "'nope'", "slurm"], marks=pytest.mark.slow),
     ("landmark_unet.evaluate", ["ckptt=x"], ["ckptt"]),
-    ("landmark_unet.predict", ["~outputt"], ["outputt", "does not exist"]),
-    ("landmark_unet.data.phantom", ["+seed=3"], ["seed", "++seed=3"]),
-    ("landmark_unet.prune_cache", ["keep_dayz=3"], ["keep_dayz"]),
+    pytest.param("landmark_unet.predict", ["~outputt"], ["outputt", "does not exist"], marks=pytest.mark.slow),
+    pytest.param("landmark_unet.data.phantom", ["+seed=3"], ["seed", "++seed=3"], marks=pytest.mark.slow),
+    pytest.param("landmark_unet.prune_cache", ["keep_dayz=3"], ["keep_dayz"], marks=pytest.mark.slow),
 ])
 def test_hydra_command_line_errors_are_one_line(tmp_path, module, arguments, needles):
     """What Hydra itself rejects (a key the config lacks, a config group option that does not exist, an override

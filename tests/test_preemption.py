@@ -187,19 +187,26 @@ def test_a_signal_after_the_last_epoch_saves_a_finished_fit(reference, fake_slur
 
 
 def test_without_slurm_the_signal_handler_is_left_alone(tmp_path):
-    """Outside SLURM there is no requeue handler to move: SIGUSR1 keeps whatever handler the process had."""
-    before = signal.getsignal(signal.SIGUSR1)
-    cfg = compose_train(RUN + ["trainer.max_epochs=1"], tmp_path)
-    OmegaConf.set_struct(cfg, False)
-    seen = []
-    cfg.callbacks.probe = {"_target_": f"{__name__}.HandlerProbe"}
-    HandlerProbe.seen = seen
-    train(cfg)
-    assert seen == [before]
-    assert signal.getsignal(signal.SIGUSR1) == before
+    """Outside SLURM there is no requeue handler to move: a SIGUSR1 handler of the process's own stays in place."""
+    def own(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGUSR1, own)
+    try:
+        cfg = compose_train(RUN + ["trainer.max_epochs=1"], tmp_path)
+        OmegaConf.set_struct(cfg, False)
+        cfg.callbacks.probe = {"_target_": f"{__name__}.HandlerProbe"}
+        HandlerProbe.seen = []
+        train(cfg)
+        assert HandlerProbe.seen == [own]
+        assert signal.getsignal(signal.SIGUSR1) == own
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 class HandlerProbe(pl.Callback):
+    """Records the SIGUSR1 handler in place during the first training batch."""
+
     seen: list = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -213,6 +220,7 @@ DDP_RUN = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.p
            "trainer.accelerator=cpu", "~callbacks.progress", "trainer.enable_progress_bar=false"]
 
 
+@pytest.mark.slow  # two processes, four epochs: 10-20 s
 def test_under_ddp_a_signal_to_one_rank_saves_once_with_every_rank(tmp_path):
     """Two ranks started as SLURM starts them (srun: one process per task, SLURM_PROCID), the pre-emption signal
     sent to rank 1 only. The ranks agree on it at a training batch end and write one consistent checkpoint
