@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from landmark_unet.data.layouts import check_dataset_root
 from landmark_unet.data.organs import ORGANS
-from landmark_unet.errors import InputError, input_error_of
+from landmark_unet.errors import InputError, input_error_of, message_line
 from landmark_unet.landmarks.distance import COMBINES, ENCODINGS, SPACES, UNITS, map_channels
 
 CONTENTS = {"fat": ["fat"], "water": ["water"], "both": ["fat", "water"], "single": ["single"]}
@@ -74,8 +74,7 @@ def instantiate_setting(node, **kwargs):
             raise
         key = re.search(r"^full_key: (\S+)$", str(err), re.MULTILINE)  # Hydra's report names the node
         where = key.group(1) if key else "config"
-        line = (str(cause).strip().splitlines() or [cause.__class__.__name__])[0]
-        raise InputError(where, line) from err
+        raise InputError(where, message_line(cause)) from err
 
 
 def _rejects_arguments(err: BaseException | None) -> bool:

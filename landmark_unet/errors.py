@@ -48,6 +48,12 @@ def input_error_of(err: BaseException) -> InputError | None:
     return None
 
 
+def message_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (its class name when the message is empty): what a one-line error
+    quotes of an exception raised by someone else's code."""
+    return (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+
+
 def _debug() -> bool:
     return os.environ.get("LANDMARK_UNET_DEBUG", "") not in ("", "0")
 
@@ -101,5 +107,5 @@ def hydra_error_line(err: BaseException) -> str | None:
         lines = lines[:1]
     cause = err.__cause__
     if cause is not None and str(cause).strip():
-        lines.append(str(cause).strip().splitlines()[0].rstrip("."))
+        lines.append(message_line(cause).rstrip("."))
     return "command line: " + "; ".join(lines) if lines else None

@@ -59,17 +59,14 @@ def check_optimisation(module) -> None:
     Raises:
         InputError: ``model.optimizer`` or ``model.scheduler``, and torch's message.
     """
-    from landmark_unet.errors import InputError
-
-    def rejected(key: str, err: Exception) -> InputError:
-        return InputError(key, (str(err).strip().splitlines() or [err.__class__.__name__])[0])
+    from landmark_unet.errors import InputError, message_line
 
     try:
         optimizer = module.optimizer_factory(params=module.parameters())
     except (ValueError, TypeError) as err:
-        raise rejected("model.optimizer", err) from None
+        raise InputError("model.optimizer", message_line(err)) from None
     if module.scheduler_factory is not None:
         try:
             module.scheduler_factory(optimizer=optimizer)
         except (ValueError, TypeError) as err:
-            raise rejected("model.scheduler", err) from None
+            raise InputError("model.scheduler", message_line(err)) from None
