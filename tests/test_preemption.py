@@ -220,42 +220,94 @@ DDP_RUN = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.p
            "trainer.accelerator=cpu", "~callbacks.progress", "trainer.enable_progress_bar=false"]
 
 
-@pytest.mark.slow  # two processes, four epochs: 10-20 s
-def test_under_ddp_a_signal_to_one_rank_saves_once_with_every_rank(tmp_path):
-    """Two ranks started as SLURM starts them (srun: one process per task, SLURM_PROCID), the pre-emption signal
-    sent to rank 1 only. The ranks agree on it at a training batch end and write one consistent checkpoint
-    together (saving ends with a barrier: Lightning alone had rank 1 wait in it while rank 0 trained on), rank 0
-    requeues the job once, and both finish."""
+COUNT_BROADCASTS = """
+import atexit, json, os, runpy, sys
+import torch.distributed as dist
+callers, broadcast = [], dist.broadcast
+def counted(*args, **kwargs):
+    callers.append(sys._getframe(1).f_code.co_name)
+    return broadcast(*args, **kwargs)
+dist.broadcast = counted
+log = os.environ["BROADCAST_LOG"] + os.environ["SLURM_PROCID"]
+atexit.register(lambda: open(log, "w").write(json.dumps(callers)))
+runpy.run_module("landmark_unet.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def start_ranks(tmp_path: Path, run: Path, command: list[str]) -> tuple[list[subprocess.Popen], Path]:
+    """Two ranks started as SLURM starts them (srun: one process per task, SLURM_PROCID), with a fake
+    ``scontrol`` that logs its arguments; returns the processes once epoch 0 is over (the ranks are training) and
+    that log."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     log = tmp_path / "scontrol.log"
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
     (bin_dir / "scontrol").chmod(0o755)
-    run = tmp_path / "run"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "landmark", "SLURM_NTASKS": "2",
             "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port), "PATH": f"{bin_dir}:{os.environ['PATH']}",
-            "LANDMARK_UNET_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "landmark_unet.train", *DDP_RUN, f"hydra.run.dir={run}", "cpu_threads=1"]
+            "LANDMARK_UNET_CACHE": str(tmp_path / "cache"), "BROADCAST_LOG": str(tmp_path / "broadcasts")}
+    command = [*command, *DDP_RUN, f"hydra.run.dir={run}", "cpu_threads=1"]
     ranks = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}) for r in (0, 1)]
     try:
         t0 = time.monotonic()
-        while not (run / "checkpoints" / "last.ckpt").exists():  # epoch 0 is over: the ranks are training
+        while not (run / "checkpoints" / "last.ckpt").exists():
             assert all(p.poll() is None for p in ranks), ranks[0].stderr.read()[-3000:]
             assert time.monotonic() - t0 < 300
             time.sleep(0.05)
+    except BaseException:
+        stop(ranks)
+        raise
+    return ranks, log
+
+
+def stop(ranks: list[subprocess.Popen]) -> None:
+    for p in ranks:
+        if p.poll() is None:
+            p.kill()
+
+
+@pytest.mark.slow  # two processes, four epochs: 10-20 s
+def test_under_ddp_a_signal_to_one_rank_saves_once_with_every_rank(tmp_path):
+    """The pre-emption signal sent to rank 1 only. The ranks agree on it at a training batch end and write one
+    consistent checkpoint together (saving ends with a barrier: Lightning alone had rank 1 wait in it while rank 0
+    trained on), rank 0 requeues the job once, and both finish."""
+    run = tmp_path / "run"
+    ranks, log = start_ranks(tmp_path, run, [sys.executable, "-m", "landmark_unet.train"])
+    try:
         ranks[1].send_signal(signal.SIGUSR1)
         codes = [p.wait(timeout=120) for p in ranks]
     finally:
-        for p in ranks:
-            if p.poll() is None:
-                p.kill()
+        stop(ranks)
     assert codes == [0, 0], ranks[0].stderr.read()[-3000:] + ranks[1].stderr.read()[-3000:]
     assert log.read_text().split() == ["requeue", "4242"]
     saved = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
     assert adam_steps(saved) == {saved["global_step"]}
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 4
+
+
+@pytest.mark.slow  # two processes, one to two epochs: 10-20 s
+def test_under_ddp_sigterm_to_one_rank_stops_every_rank_without_a_broadcast_per_step(tmp_path):
+    """SIGTERM sent to rank 1 only stops both ranks after the same batch (each exits with 143 and says how to
+    continue). Lightning alone broadcast a device tensor from rank 0 before every training batch and read it back
+    (a host-device synchronisation in every step); its SIGTERM handler broadcast too, paired with the other rank's
+    per-step broadcast, so rank 1 stopped and rank 0 trained on into a broken process group. No training step
+    broadcasts now: ``torch.distributed.broadcast`` is counted in both processes."""
+    run = tmp_path / "run"
+    ranks, log = start_ranks(tmp_path, run, [sys.executable, "-c", COUNT_BROADCASTS])
+    try:
+        ranks[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in ranks]
+    finally:
+        stop(ranks)
+    errors = [p.stderr.read() for p in ranks]
+    assert codes == [143, 143], errors[0][-3000:] + errors[1][-3000:]
+    assert all("stopped by SIGTERM" in e for e in errors)
+    assert not (run / "metrics.json").exists()  # stopped before its fourth epoch
+    assert not log.exists()  # SIGTERM alone does not requeue
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"broadcasts{rank}").read_text()) == []
