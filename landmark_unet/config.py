@@ -73,8 +73,29 @@ def instantiate_setting(node, **kwargs):
         if input_error_of(err) is not None or not _rejects_arguments(cause):
             raise
         key = re.search(r"^full_key: (\S+)$", str(err), re.MULTILINE)  # Hydra's report names the node
-        where = key.group(1) if key else "config"
-        raise InputError(where, message_line(cause)) from err
+        message = message_line(cause)
+        where = _argument_named(node, key.group(1), message) if key else "config"
+        raise InputError(where, message) from err
+
+
+def _argument_named(node, where: str, message: str) -> str:
+    """``<where>.<key>`` when the constructor's message names exactly one argument of the node at ``where``: its key
+    as a word (``Precision 'fp13' is invalid`` -> ``trainer.precision``) or its value, if a string (``No supported
+    gpu backend found!`` -> ``trainer.accelerator``); otherwise ``where``."""
+    parts = where.split(".")
+    for i in range(len(parts) + 1):  # the node at ``where``, found inside ``node`` (Hydra names it from the root)
+        target = node if i == len(parts) else OmegaConf.select(node, ".".join(parts[i:]), default=None)
+        if isinstance(target, DictConfig):
+            break
+    else:
+        return where
+
+    def named(key: str, value) -> bool:
+        words = [key] + ([value] if isinstance(value, str) and len(value) > 1 else [])
+        return any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", message, re.IGNORECASE) for w in words)
+
+    keys = [k for k, v in target.items_ex(resolve=False) if not str(k).startswith("_") and named(str(k), v)]
+    return f"{where}.{keys[0]}" if len(keys) == 1 else where
 
 
 def _rejects_arguments(err: BaseException | None) -> bool:

@@ -56,7 +56,8 @@ def test_an_input_error_wrapped_by_instantiate_is_reported_as_bad_input(capsys, 
 
 def test_a_constructor_rejecting_its_arguments_is_bad_input_named_by_its_key():
     """instantiate_setting: a ValueError or TypeError of the constructor becomes an InputError naming the key Hydra
-    was instantiating, with the constructor's message; any other error stays what it is."""
+    was instantiating (and the argument, where the message names just one), with the constructor's message; any
+    other error stays what it is."""
     from omegaconf import OmegaConf
 
     from landmark_unet.config import instantiate_setting
@@ -68,8 +69,16 @@ def test_a_constructor_rejecting_its_arguments_is_bad_input_named_by_its_key():
     assert str(bad.value) == "model.net: in_channels, features and depth must be >= 1, got 2, 0, 4"
     cfg.model.net.features = 4
     cfg.model.net.featurs = 3
-    with pytest.raises(InputError, match=r"^model.net: .*unexpected keyword argument 'featurs'"):
+    with pytest.raises(InputError, match=r"^model.net.featurs: .*unexpected keyword argument 'featurs'"):
         instantiate_setting(cfg.model)
+    # the one argument the message names, by its key or by its value (a string)
+    trainer = OmegaConf.create({"trainer": {"_target_": "pytorch_lightning.Trainer", "precision": "fp13",
+                                            "logger": False}})
+    with pytest.raises(InputError, match=r"^trainer.precision: Precision 'fp13' is invalid"):
+        instantiate_setting(trainer.trainer)
+    with pytest.raises(InputError, match=r"^data.dtype: data type 'bogus' not understood"):
+        instantiate_setting(OmegaConf.create({"data": {"_target_": "numpy.dtype", "dtype": "bogus",
+                                                       "align": False}}).data)
     with pytest.raises(Exception) as bug:
         instantiate_setting(OmegaConf.create({"_target_": "builtins.open", "file": "/nonexistent/x"}))
     assert input_error_of(bug.value) is None  # FileNotFoundError: not a rejected argument
