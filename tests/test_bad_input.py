@@ -268,6 +268,8 @@ CASES = [
     Case("config-network-features-negative", "train", nothing, ("model.net.features=-1",),
          ("model.net.features", "-1")),
     Case("config-learning-rate-negative", "train", nothing, ("model.optimizer.lr=-1",), ("model.optimizer", "-1")),
+    Case("config-scheduler-rate-not-a-number", "train", nothing, ("optim=adam_step", "model.scheduler.gamma=x"),
+         ("model.scheduler.gamma:", "must be a number", "'x'")),
     Case("config-workers-negative", "train", nothing, ("data.num_workers=-1",), ("data.num_workers", "-1")),
     Case("config-augmentation-not-a-range", "train", nothing, ("augmentation.rotation=-5",),
          ("augmentation.rotation", "[low, high]", "-5")),

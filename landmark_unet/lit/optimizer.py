@@ -13,6 +13,7 @@ torch's recompile limit (8) the update runs eagerly again (torch warns once). A 
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Callable
 
@@ -61,6 +62,9 @@ def check_optimisation(module) -> None:
     """
     from landmark_unet.errors import InputError, message_line
 
+    _check_numbers("model.optimizer", module.optimizer_factory)
+    if module.scheduler_factory is not None:
+        _check_numbers("model.scheduler", module.scheduler_factory)
     try:
         optimizer = module.optimizer_factory(params=module.parameters())
     except (ValueError, TypeError) as err:
@@ -70,3 +74,30 @@ def check_optimisation(module) -> None:
             module.scheduler_factory(optimizer=optimizer)
         except (ValueError, TypeError) as err:
             raise InputError("model.scheduler", message_line(err)) from None
+
+
+def _check_numbers(key: str, factory) -> None:
+    """An argument of a ``functools.partial`` factory that the class takes as a number (its default is one, or its
+    annotation says ``int`` or ``float``) but is given as something else: torch stores ``StepLR(gamma="x")`` and
+    fails only when the epoch ends.
+
+    Raises:
+        InputError: ``<key>.<argument>: must be a number, got 'x'``.
+    """
+    from landmark_unet.errors import InputError
+
+    func, given = getattr(factory, "func", None), getattr(factory, "keywords", None) or {}
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return
+    for name, value in given.items():
+        param = parameters.get(name)
+        if param is None or _is_number(value):
+            continue
+        if _is_number(param.default) or param.annotation in (int, float, "int", "float"):
+            raise InputError(f"{key}.{name}", f"must be a number, got {value!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
