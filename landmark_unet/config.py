@@ -287,7 +287,7 @@ def quiet_third_party() -> None:
     # everything SegmentationModule logs comes from a torchmetrics state (PerBodyDice, VolumeRatio, SampleMean)
     # that compute() has already gathered or summed over every DDP rank (tests/test_distributed.py)
     warnings.filterwarnings("ignore", message=r".*self.log\('(train|val|test)/.*sync_dist=True.*")
-    # a run continued mid-epoch leaves out the draws that epoch trained on (data.slices.SkipTrained)
+    # a run continued mid-epoch leaves out the draws that epoch trained on (data.slices.RankShare)
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
     # validation and test shard with EvalShardSampler, which pads nothing: every slice is scored exactly once
     warnings.filterwarnings("ignore", message=r".*Using `DistributedSampler` with the dataloaders.*")

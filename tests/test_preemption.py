@@ -25,7 +25,7 @@ from landmark_unet.train import train
 RUN = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
        "model.net.features=4", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=8",
        "data.split.rounds=3", "data.sampling=oversample", "trainer.max_epochs=3", "trainer.deterministic=true",
-       "optim=adam", "model.optimizer.lr=3e-3"]
+       "optim=adam", "model.optimizer.lr=3e-3", "augmentation=all", "data.crop=32", "data.foreground_fraction=0.3"]
 EPOCH = 1  # the epoch the signal arrives in (0-based, of 3)
 
 
@@ -140,8 +140,8 @@ def test_a_signal_inside_an_optimizer_step_saves_at_the_end_of_the_batch(referen
                       weights_only=True)
     assert last["global_step"] == ref_last["global_step"]
     assert adam_steps(last) == {ref_last["global_step"]}  # no batch applied twice
-    # the continued epoch trains on the draws it had not reached (SkipTrained): without random crops or
-    # augmentation, exactly the uninterrupted run
+    # the continued epoch trains on the draws it had not reached (RankShare), with their crops and augmentation:
+    # exactly the uninterrupted run
     same_run(metrics, ref_metrics)
 
 

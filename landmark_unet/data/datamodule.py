@@ -45,7 +45,7 @@ from landmark_unet.data.slices import (
     EpochShuffle,
     EvalShardSampler,
     ForegroundOversampler,
-    SkipTrained,
+    RankShare,
     SliceDataset,
     collate,
     epoch_seed,
@@ -99,15 +99,26 @@ def training_epoch(trainer: pl.Trainer) -> int:
 
 
 def samples_trained_this_epoch(trainer: pl.Trainer | None, batch_size: int, draws: int) -> int:
-    """How many of an epoch's ``draws`` (its sampler's pass, over all ranks) a run continued from a mid-epoch
-    checkpoint has trained on already: its completed batches x ``batch_size`` x ranks. 0 when the run starts an
-    epoch (a new run, or one continued from an epoch-end checkpoint)."""
+    """How many of its share of an epoch's ``draws`` (its sampler's pass, over all ranks) this rank has trained on
+    already in a run continued from a mid-epoch checkpoint: its completed batches x ``batch_size``. 0 when the run
+    starts an epoch (a new run, or one continued from an epoch-end checkpoint)."""
     if trainer is None:
         return 0
     progress, ranks = trainer.fit_loop.epoch_loop.batch_progress, int(trainer.world_size)
     batches = math.ceil(math.ceil(draws / ranks) / batch_size)  # per rank (Lightning's DDP wrapper pads)
     done = int(progress.current.processed)
-    return done * batch_size * ranks if 0 < done < batches and not progress.is_last_batch else 0
+    return done * batch_size if 0 < done < batches and not progress.is_last_batch else 0
+
+
+def training_share(sampler: torch.utils.data.Sampler, trainer: pl.Trainer | None, batch_size: int):
+    """The training loader's sampler: under DDP, or in a run continued from a mid-epoch checkpoint, this rank's
+    share of ``sampler`` less the draws the epoch has trained on (:class:`~landmark_unet.data.slices.RankShare`);
+    otherwise ``sampler`` itself."""
+    ranks = int(trainer.world_size) if trainer is not None else 1
+    skip = samples_trained_this_epoch(trainer, batch_size, len(sampler))
+    if ranks == 1 and not skip:
+        return sampler
+    return RankShare(sampler, num_replicas=ranks, rank=trainer.global_rank, skip=skip)
 
 
 class SliceDataModule(pl.LightningDataModule):
@@ -386,8 +397,8 @@ class SliceDataModule(pl.LightningDataModule):
                             self.size, distance_key=self.distance_key if self.fusion != "none" else None,
                             stack=self.stack, crop=self.crop if part == "train" else None)
 
-    def _loader(self, dataset: SliceDataset, batch_size: int, part: str, sampler=None, generator=None,
-                persistent: bool = True) -> DataLoader:
+    def _loader(self, dataset: SliceDataset, batch_size: int, part: str, sampler=None,
+                generator=None) -> DataLoader:
         if self.on_device:  # slice indices only: transfer_batch_to_device gathers the slices on the device
             self._device_datasets[part] = dataset
             return DataLoader(SliceRows(dataset.index, part), batch_size=batch_size, sampler=sampler,
@@ -398,7 +409,7 @@ class SliceDataModule(pl.LightningDataModule):
             sampler=sampler,
             generator=generator,
             num_workers=self.num_workers,
-            persistent_workers=persistent and self.num_workers > 0,
+            persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=False,
             collate_fn=collate,
@@ -406,10 +417,12 @@ class SliceDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Training slices in an order drawn from (seed, epoch) alone (:class:`~landmark_unet.data.slices.EpochSampler`):
-        the organ slices shuffled (``sampling=organ_only``) or foreground-oversampled draws (``oversample``). The
-        loader has a generator of its own (seeded from (seed, epoch, rank); the seeds of its workers), so that
-        building and iterating it never draws from torch's global generator. A run continued from a mid-epoch
-        checkpoint leaves out the draws that epoch has trained on (:func:`samples_trained_this_epoch`)."""
+        the organ slices shuffled (``sampling=organ_only``) or foreground-oversampled draws (``oversample``), each
+        with the origin of its random crop (``data.crop``), so that what a batch holds does not depend on the
+        loader's workers (they persist across epochs). The loader has a generator of its own (seeded from (seed,
+        epoch, rank); the seeds of its workers), so that building and iterating it never draws from torch's global
+        generator. Under DDP each rank takes its share (:func:`training_share`); a run continued from a mid-epoch
+        checkpoint leaves out the draws that epoch has trained on."""
         trainer = self.trainer
         epoch = training_epoch(trainer) if trainer is not None else 0  # a resumed run starts at its epoch
         rank = trainer.global_rank if trainer else 0
@@ -420,15 +433,14 @@ class SliceDataModule(pl.LightningDataModule):
                               self.foreground_fraction, self.samples_per_epoch, seed=epoch_seed(self.seed, 0, rank),
                               distance_key=self.distance_key if self.fusion != "none" else None,
                               subject_ids=[self.subject_id(n) for n in names], epoch=epoch)
-            skip = samples_trained_this_epoch(trainer, self.batch_size, len(ds))
-            sampler = SkipTrained(torch.utils.data.SequentialSampler(ds), skip) if skip else None
+            sampler = training_share(torch.utils.data.SequentialSampler(ds), trainer, self.batch_size)
             return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, sampler=sampler,
                               pin_memory=torch.cuda.is_available(), generator=generator)
         if self.sampling == "organ_only":
             ds = self.dataset("train", organ_slices_only=True)
             if len(ds) == 0:
                 raise InputError("organ", f"no training slice holds {'/'.join(self.organs)}")
-            sampler = EpochShuffle(len(ds), seed=self.seed, epoch=epoch)
+            sampler = EpochShuffle(len(ds), seed=self.seed, epoch=epoch, crop_origins=self.crop is not None)
         else:
             ds = self.dataset("train", organ_slices_only=False)
             bits = sum(organ_bit(o) for o in self.organs)
@@ -436,13 +448,9 @@ class SliceDataModule(pl.LightningDataModule):
             if not holds.any():
                 raise InputError("organ", f"no training slice holds {'/'.join(self.organs)}")
             sampler = ForegroundOversampler(np.flatnonzero(holds), len(ds), self.foreground_fraction,
-                                            seed=self.seed, epoch=epoch)
-        skip = samples_trained_this_epoch(trainer, self.batch_size, len(sampler))
-        if skip:  # continued mid-epoch: the rest of the epoch's draw (the same slices; crops drawn afresh)
-            sampler = SkipTrained(sampler, skip)
-        # random crops are drawn in the workers: workers started afresh each epoch take that epoch's seeds
-        return self._loader(ds, self.batch_size, "train", sampler=sampler, generator=generator,
-                            persistent=self.crop is None)
+                                            seed=self.seed, epoch=epoch, crop_origins=self.crop is not None)
+        sampler = training_share(sampler, trainer, self.batch_size)  # continued mid-epoch: the rest of its draws
+        return self._loader(ds, self.batch_size, "train", sampler=sampler, generator=generator)
 
     def _eval_loader(self, part: str) -> DataLoader:
         """Every slice of the bodies of ``part``; under DDP each rank a share, unpadded (EvalShardSampler). With

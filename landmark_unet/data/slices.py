@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -63,7 +63,10 @@ class SliceDataset(Dataset):
             or None.
         stack: slices per sample (1: 2D slices; 5: the depth-5 network's stacks).
         crop: a random ``crop x crop`` in-plane window per sample (training; the study used 256 and 208), zero-padded
-            where the slice is smaller; None: the whole padded slice.
+            where the slice is smaller; None: the whole padded slice. Its origin is the draw's own when the sampler
+            gives one (:class:`EpochSampler` with ``crop_origins``: ``(position, u, v)``, u and v in [0, 1) place
+            the window along the slice's two axes), so that it does not depend on the loader's workers; else one
+            drawn from torch's global generator.
     """
 
     def __init__(
@@ -98,13 +101,16 @@ class SliceDataset(Dataset):
         half = self.stack // 2
         return np.clip(np.arange(k - half, k + half + 1), 0, depth - 1)
 
-    def _window(self, x: int, y: int) -> tuple[int, int, int, int]:
-        """(x0, y0, h, w): the region of the (padded) slice this sample shows."""
+    def _window(self, x: int, y: int, origin: tuple[float, float] | None) -> tuple[int, int, int, int]:
+        """(x0, y0, h, w): the region of the (padded) slice this sample shows; ``origin`` (u, v) in [0, 1) places
+        a crop (None: drawn here)."""
         if self.crop is None:
             return 0, 0, *self.size
         h = w = self.crop
-        x0 = int(torch.randint(0, max(x - h, 0) + 1, ()).item())
-        y0 = int(torch.randint(0, max(y - w, 0) + 1, ()).item())
+        if origin is None:
+            origin = torch.rand(2).tolist()
+        x0 = min(int(origin[0] * (max(x - h, 0) + 1)), max(x - h, 0))
+        y0 = min(int(origin[1] * (max(y - w, 0) + 1)), max(y - w, 0))
         return x0, y0, h, w
 
     def __getitem__(self, i: int) -> dict:
@@ -118,11 +124,13 @@ class SliceDataset(Dataset):
         DataModule's loaders pass it through :func:`collate`): the fields of :class:`SliceDataset`, each with a
         leading batch axis. Each body's slices are read with one gather from its memory-mapped cache files, so a
         batch costs one file open per body and array, not one per sample; equal to collating ``self[i]`` one by
-        one (random crops are drawn in the order of ``positions``)."""
+        one. A position may come with its draw's crop origin, ``(position, u, v)`` (:class:`EpochSampler`)."""
+        origins = [tuple(p[1:]) if isinstance(p, tuple) else None for p in positions]
+        positions = [p[0] if isinstance(p, tuple) else p for p in positions]
         rows = self.index[np.asarray(positions, dtype=np.int64)]
         n, c, s, k = len(rows), len(self.channels), self.stack, len(self.bits)
         shapes = [self.entries[e].shape for e in rows[:, 0]]
-        windows = [self._window(x, y) for x, y, _ in shapes]
+        windows = [self._window(x, y, o) for (x, y, _), o in zip(shapes, origins)]
         h, w = windows[0][2:] if windows else self.size
         image = np.zeros((n, c, s, h, w), np.float32)
         mask = np.zeros((n, k, h, w), np.float32)
@@ -177,12 +185,17 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 class EpochSampler(torch.utils.data.Sampler[int]):
     """A sampler whose draw is a function of (seed, epoch) only, so that a resumed run draws what the uninterrupted
     run drew. Lightning calls :meth:`set_epoch` before every training epoch; without it (a sampler wrapped for DDP)
-    the epoch counts up by one per pass. Subclasses implement :meth:`draw`."""
+    the epoch counts up by one per pass. Subclasses implement :meth:`draw`.
 
-    def __init__(self, num_samples: int, seed: int = 0, epoch: int = 0):
+    With ``crop_origins`` every draw comes with the origin of its random crop, ``(position, u, v)`` with u, v
+    uniform in [0, 1) (:class:`SliceDataset`), drawn from (seed, epoch) too: a draw's crop is then the same whichever
+    loader worker reads it, however many there are, and in a continued run's pass (:class:`RankShare`)."""
+
+    def __init__(self, num_samples: int, seed: int = 0, epoch: int = 0, crop_origins: bool = False):
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.epoch = int(epoch)
+        self.crop_origins = bool(crop_origins)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -191,9 +204,12 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.num_samples
 
     def __iter__(self):
-        picks = self.draw(np.random.default_rng([self.seed, self.epoch]))
+        picks = self.draw(np.random.default_rng([self.seed, self.epoch])).tolist()
+        if self.crop_origins:
+            origins = np.random.default_rng([self.seed, self.epoch, 1]).random((len(picks), 2)).tolist()
+            picks = [(p, u, v) for p, (u, v) in zip(picks, origins)]
         self.epoch += 1
-        return iter(picks.tolist())
+        return iter(picks)
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
@@ -220,10 +236,11 @@ class ForegroundOversampler(EpochSampler):
             as many organ slices as an organ-only epoch.
         seed: base seed.
         epoch: the epoch of the first pass (a resumed run's).
+        crop_origins: give every draw its crop origin (:class:`EpochSampler`).
     """
 
     def __init__(self, foreground: np.ndarray, total: int, fraction: float, num_samples: int | None = None,
-                 seed: int = 0, epoch: int = 0):
+                 seed: int = 0, epoch: int = 0, crop_origins: bool = False):
         if not 0 < fraction <= 1:
             raise ValueError(f"foreground fraction must be in (0, 1], got {fraction}")
         if len(foreground) == 0:
@@ -231,7 +248,7 @@ class ForegroundOversampler(EpochSampler):
         self.foreground = np.asarray(foreground, dtype=np.int64)
         self.total = total
         self.fraction = fraction
-        super().__init__(num_samples or int(np.ceil(len(self.foreground) / fraction)), seed, epoch)
+        super().__init__(num_samples or int(np.ceil(len(self.foreground) / fraction)), seed, epoch, crop_origins)
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
         forced = rng.random(self.num_samples) < self.fraction
@@ -261,26 +278,32 @@ class EvalShardSampler(torch.utils.data.DistributedSampler):
         return len(self.positions)
 
 
-class SkipTrained(torch.utils.data.Sampler[int]):
-    """``sampler`` with the first ``skip`` indices of its next pass moved to that pass's end: the samples a run
-    continued from a mid-epoch checkpoint (a SLURM pre-emption) has already trained on in that epoch, since the
-    loader's position is not saved. Lightning ends the epoch after the batches the checkpoint says are left, so the
-    moved indices are never trained on; they stay in the pass because under DDP Lightning's sampler wrapper indexes
-    a whole pass. Later passes are the wrapped sampler's own. ``set_epoch`` reaches the wrapped sampler."""
+class RankShare(torch.utils.data.DistributedSampler):
+    """One rank's share of every pass of the training ``sampler``, dealt as Lightning deals a sampler under DDP
+    (``DistributedSamplerWrapper``: the pass padded to a multiple of ``num_replicas`` with its first draws again,
+    then every ``num_replicas``-th draw from ``rank`` on), less the first ``skip`` draws of the first pass's share.
 
-    def __init__(self, sampler: torch.utils.data.Sampler, skip: int):
+    Those are what a run continued from a mid-epoch checkpoint (a SLURM pre-emption) has trained on already, since
+    the loader's position is not saved. The continued pass ends where the uninterrupted one did, so its batches are
+    that epoch's remaining batches, the last, partial one included; Lightning ends the epoch when the loader runs
+    out. ``len`` stays the whole share's: Lightning counts the epoch's batches from it. A ``DistributedSampler``,
+    so that Lightning does not wrap it again; ``set_epoch`` reaches ``sampler``."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, num_replicas: int = 1, rank: int = 0, skip: int = 0):
+        super().__init__(sampler, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
         self.sampler = sampler
         self.skip = int(skip)
 
     def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
     def __iter__(self):
+        draws = list(self.sampler)
+        padding = self.total_size - len(draws)
+        if padding > 0:
+            draws += (draws * math.ceil(padding / len(draws)))[:padding]
+        share = draws[self.rank:self.total_size:self.num_replicas]
         skip, self.skip = self.skip, 0
-        indices = iter(self.sampler)
-        trained = list(itertools.islice(indices, skip))
-        return itertools.chain(indices, trained)
+        return iter(share[skip:])

@@ -103,10 +103,12 @@ class MetricHistory(pl.Callback):
 class EpochSeed(pl.Callback):
     """Reseeds Python's, numpy's and torch's global generators (CUDA's too) and the training loader's own generator
     (the seeds of its worker processes) at the start of every training epoch from (seed, epoch, rank), so that an
-    epoch's random draws (augmentation, random crops) do not depend on what ran before it. A run resumed from an
-    epoch-end checkpoint therefore trains exactly as the uninterrupted run did. The loader's sampler is seeded by
-    (seed, epoch) itself (:class:`~landmark_unet.data.slices.EpochSampler`), and the DataModule seeds the loader's
-    generator the same way when it builds it at a resumed epoch (before this hook runs)."""
+    epoch's random draws do not depend on what ran before it. The augmentation's per-batch generator starts from
+    that seed (:meth:`~landmark_unet.lit.segmentation.SegmentationModule.augmentation_generator`); the loader's
+    sampler, with the crop origins, is seeded by (seed, epoch) itself
+    (:class:`~landmark_unet.data.slices.EpochSampler`), and the DataModule seeds the loader's generator the same way
+    when it builds it at a resumed epoch (before this hook runs). A run continued mid-epoch skips this hook: the
+    module's checkpoint carries the epoch's seed."""
 
     def __init__(self, seed: int):
         self.seed = int(seed)

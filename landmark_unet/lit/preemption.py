@@ -9,7 +9,7 @@ from some of those places the checkpoint does not continue correctly:
     workers), or between two validation batches: the continued run skips that epoch's validation, so its Dice never
     reaches the curves or the choice of the best checkpoint.
 A checkpoint written mid-epoch continues that epoch with the draws it had not reached
-(:class:`~landmark_unet.data.slices.SkipTrained`); random crops and augmentation are drawn afresh.
+(:class:`~landmark_unet.data.slices.RankShare`), with the same crops and augmentation.
 
 SIGTERM (SLURM's, after the requeue or at the time limit; ``scancel``) stops a run after its current training step.
 Under DDP Lightning 2.6 finds out whether a rank has it by broadcasting a device tensor from rank 0 before every
