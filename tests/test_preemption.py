@@ -216,7 +216,8 @@ class HandlerProbe(pl.Callback):
 
 DDP_RUN = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
            "model.net.features=4", "data.num_workers=0", "data.batch_size=2", "data.split.rounds=3",
-           "data.sampling=oversample", "trainer.max_epochs=4", "optim=adam", "trainer=ddp",
+           "data.sampling=oversample", "data.foreground_fraction=0.3", "augmentation=all", "data.crop=32",
+           "trainer.deterministic=true", "trainer.max_epochs=4", "optim=adam", "trainer=ddp",
            "trainer.accelerator=cpu", "~callbacks.progress", "trainer.enable_progress_bar=false"]
 
 
@@ -234,12 +235,13 @@ runpy.run_module("landmark_unet.train", run_name="__main__", alter_sys=True)
 """
 
 
-def start_ranks(tmp_path: Path, run: Path, command: list[str]) -> tuple[list[subprocess.Popen], Path]:
+def start_ranks(tmp_path: Path, run: Path, command: list[str], *extra: str,
+                wait: bool = True) -> tuple[list[subprocess.Popen], Path]:
     """Two ranks started as SLURM starts them (srun: one process per task, SLURM_PROCID), with a fake
-    ``scontrol`` that logs its arguments; returns the processes once epoch 0 is over (the ranks are training) and
-    that log."""
+    ``scontrol`` that logs its arguments; returns the processes, once epoch 0 is over (the ranks are training)
+    unless not ``wait``, and that log."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     log = tmp_path / "scontrol.log"
     (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
     (bin_dir / "scontrol").chmod(0o755)
@@ -250,12 +252,12 @@ def start_ranks(tmp_path: Path, run: Path, command: list[str]) -> tuple[list[sub
             "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port), "PATH": f"{bin_dir}:{os.environ['PATH']}",
             "LANDMARK_UNET_CACHE": str(tmp_path / "cache"), "BROADCAST_LOG": str(tmp_path / "broadcasts")}
-    command = [*command, *DDP_RUN, f"hydra.run.dir={run}", "cpu_threads=1"]
+    command = [*command, *DDP_RUN, f"hydra.run.dir={run}", "cpu_threads=1", *extra]
     ranks = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}) for r in (0, 1)]
     try:
         t0 = time.monotonic()
-        while not (run / "checkpoints" / "last.ckpt").exists():
+        while wait and not (run / "checkpoints" / "last.ckpt").exists():
             assert all(p.poll() is None for p in ranks), ranks[0].stderr.read()[-3000:]
             assert time.monotonic() - t0 < 300
             time.sleep(0.05)
@@ -265,17 +267,29 @@ def start_ranks(tmp_path: Path, run: Path, command: list[str]) -> tuple[list[sub
     return ranks, log
 
 
+def run_ranks(tmp_path: Path, run: Path, *extra: str) -> dict:
+    """A 2-rank run to its end; its metrics.json."""
+    ranks, _ = start_ranks(tmp_path, run, [sys.executable, "-m", "landmark_unet.train"], *extra, wait=False)
+    try:
+        codes = [p.wait(timeout=300) for p in ranks]
+    finally:
+        stop(ranks)
+    assert codes == [0, 0], ranks[0].stderr.read()[-3000:] + ranks[1].stderr.read()[-3000:]
+    return json.loads((run / "metrics.json").read_text())
+
+
 def stop(ranks: list[subprocess.Popen]) -> None:
     for p in ranks:
         if p.poll() is None:
             p.kill()
 
 
-@pytest.mark.slow  # two processes, four epochs: 10-20 s
+@pytest.mark.slow  # three 2-process runs of four epochs: 30-60 s
 def test_under_ddp_a_signal_to_one_rank_saves_once_with_every_rank(tmp_path):
     """The pre-emption signal sent to rank 1 only. The ranks agree on it at a training batch end and write one
     consistent checkpoint together (saving ends with a barrier: Lightning alone had rank 1 wait in it while rank 0
-    trained on), rank 0 requeues the job once, and both finish."""
+    trained on), rank 0 requeues the job once, and both finish. A run continued from that checkpoint equals an
+    uninterrupted one."""
     run = tmp_path / "run"
     ranks, log = start_ranks(tmp_path, run, [sys.executable, "-m", "landmark_unet.train"])
     try:
@@ -288,6 +302,13 @@ def test_under_ddp_a_signal_to_one_rank_saves_once_with_every_rank(tmp_path):
     saved = torch.load(run / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
     assert adam_steps(saved) == {saved["global_step"]}
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 4
+    # continued from that checkpoint (each rank the rest of its share of the epoch, RankShare), the 2-rank run
+    # trains exactly as an uninterrupted one
+    reference = run_ranks(tmp_path, tmp_path / "reference")
+    resumed = run_ranks(tmp_path, tmp_path / "resumed", f"ckpt_path={run / 'hpc_ckpt_1.ckpt'}")
+    assert resumed["history"]["epoch"] == [0, 1, 2, 3]
+    assert resumed["history"] == reference["history"]
+    assert resumed["test"] == reference["test"]
 
 
 @pytest.mark.slow  # two processes, one to two epochs: 10-20 s

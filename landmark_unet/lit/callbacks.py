@@ -103,12 +103,12 @@ class MetricHistory(pl.Callback):
 class EpochSeed(pl.Callback):
     """Reseeds Python's, numpy's and torch's global generators (CUDA's too) and the training loader's own generator
     (the seeds of its worker processes) at the start of every training epoch from (seed, epoch, rank), so that an
-    epoch's random draws do not depend on what ran before it. The augmentation's per-batch generator starts from
-    that seed (:meth:`~landmark_unet.lit.segmentation.SegmentationModule.augmentation_generator`); the loader's
-    sampler, with the crop origins, is seeded by (seed, epoch) itself
-    (:class:`~landmark_unet.data.slices.EpochSampler`), and the DataModule seeds the loader's generator the same way
-    when it builds it at a resumed epoch (before this hook runs). A run continued mid-epoch skips this hook: the
-    module's checkpoint carries the epoch's seed."""
+    epoch's random draws do not depend on what ran before it. The project's own training draws do not use them: the
+    loader's sampler, with the crop origins, is seeded by (seed, epoch) itself
+    (:class:`~landmark_unet.data.slices.EpochSampler`), the augmentation by (seed, epoch, rank, batch)
+    (:meth:`~landmark_unet.lit.segmentation.SegmentationModule.augmentation_generator`), and the DataModule seeds
+    the loader's generator (its workers' seeds) the same way when it builds it at a resumed epoch (before this hook
+    runs); a run continued mid-epoch, which skips this hook, draws them all as the uninterrupted run."""
 
     def __init__(self, seed: int):
         self.seed = int(seed)

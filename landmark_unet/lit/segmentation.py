@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -16,8 +17,6 @@ from landmark_unet.lit.optimizer import compile_step
 from landmark_unet.losses import BCELoss, deep_supervision_loss
 from landmark_unet.metrics import PerBodyDice, SampleMean, VolumeRatio
 from landmark_unet.models.blocks import norms_in_fp32
-
-EPOCH_SEED_KEY = "augmentation_epoch_seed"  # checkpoint key: the training epoch's seed of the augmentation draws
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -79,7 +78,7 @@ class SegmentationModule(pl.LightningModule):
             sliding-window inference (:func:`landmark_unet.sliding_window.stitch`); None for slice networks.
         augmentation: ranges for :class:`~landmark_unet.data.augment.AffineAugment` (``rotation``, ``scale``,
             ``shear``, ``p``), applied to training batches on the device; never in validation or test. Each
-            batch's draws come from a generator seeded by (the epoch's seed, epoch, rank, batch index) alone
+            batch's draws come from a generator seeded by (seed, epoch, rank, batch index) alone
             (:meth:`augmentation_generator`), so that a run continued mid-epoch augments as the uninterrupted run.
         channels_last: keep the 2D convolutions' weights and inputs in channels-last memory format (faster on
             tensor-core GPUs and on CPUs with oneDNN: see benchmarks/README.md).
@@ -139,7 +138,6 @@ class SegmentationModule(pl.LightningModule):
         self.val_loss = SampleMean()
         self.panel_at: tuple[int, int] | None = None  # (validation batch, sample) of the panel slice on this rank
         self._panel: dict | None = None
-        self._epoch_seed: int | None = None  # torch's seed at the training epoch's start (lit.callbacks.EpochSeed)
         self._generators: dict[torch.device, torch.Generator] = {}
         self.test_result: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -170,25 +168,17 @@ class SegmentationModule(pl.LightningModule):
             batch = self.augment(batch, self.augmentation_generator(batch["image"].device))
         return batch
 
-    def on_train_epoch_start(self) -> None:
-        self._epoch_seed = torch.initial_seed()  # EpochSeed has just seeded torch from (seed, epoch, rank)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self._epoch_seed is not None:  # a run continued mid-epoch does not start that epoch again
-            checkpoint[EPOCH_SEED_KEY] = self._epoch_seed
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._epoch_seed = checkpoint.get(EPOCH_SEED_KEY)
-
     def augmentation_generator(self, device: torch.device) -> torch.Generator | None:
-        """A generator on ``device`` seeded for the training batch being transferred: from torch's seed at the
-        epoch's start, the epoch, the rank and the batch's index in the epoch (Lightning counts the batch after
-        its transfer); None (torch's global generator) outside a training epoch. Seeding is host-side only."""
+        """A generator on ``device`` seeded for the training batch being transferred: from the run's seed
+        (``seed_everything``'s, which every rank and a continued run share), the epoch, the rank and the batch's
+        index in the epoch (Lightning counts the batch after its transfer). None (torch's global generator)
+        without a run seed or outside a fit. Seeding is host-side only (no device synchronisation)."""
+        run_seed = os.environ.get("PL_GLOBAL_SEED")
         loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
-        if self._epoch_seed is None or loop is None:
+        if run_seed is None or loop is None:
             return None
         batch_idx = loop.batch_progress.current.ready
-        seed = np.random.SeedSequence([self._epoch_seed, self.current_epoch, self.global_rank, batch_idx])
+        seed = np.random.SeedSequence([int(run_seed), self.current_epoch, self.global_rank, batch_idx])
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device)
