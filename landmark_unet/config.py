@@ -168,7 +168,8 @@ def validate_landmarks(landmarks: DictConfig) -> None:
         raise InputError("landmarks.sigma_mm", f"must be a number > 0, got {sigma!r}")
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A real number of the config (an int or a float; a bool is not one)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -180,13 +181,13 @@ def validate_augmentation(augmentation: DictConfig) -> None:
         if value is None:
             continue
         pair = list(value) if OmegaConf.is_list(value) else None
-        if pair is None or len(pair) != 2 or not all(map(_is_number, pair)) or pair[0] > pair[1]:
+        if pair is None or len(pair) != 2 or not all(map(is_number, pair)) or pair[0] > pair[1]:
             raise InputError(f"augmentation.{key}", f"must be a range [low, high] of two numbers with low <= high, "
                                                     f"got {OmegaConf.to_object(value) if pair else value!r}")
         if key == "scale" and pair[0] <= 0:
             raise InputError("augmentation.scale", f"zoom factors must be above 0, got {pair}")
     p = augmentation.get("p")
-    if p is not None and not (_is_number(p) and 0 <= p <= 1):
+    if p is not None and not (is_number(p) and 0 <= p <= 1):
         raise InputError("augmentation.p", f"must be a probability in [0, 1], got {p!r}")
 
 

@@ -84,6 +84,7 @@ def _check_numbers(key: str, factory) -> None:
     Raises:
         InputError: ``<key>.<argument>: must be a number, got 'x'``.
     """
+    from landmark_unet.config import is_number
     from landmark_unet.errors import InputError
 
     func, given = getattr(factory, "func", None), getattr(factory, "keywords", None) or {}
@@ -93,11 +94,7 @@ def _check_numbers(key: str, factory) -> None:
         return
     for name, value in given.items():
         param = parameters.get(name)
-        if param is None or _is_number(value):
+        if param is None or is_number(value):
             continue
-        if _is_number(param.default) or param.annotation in (int, float, "int", "float"):
+        if is_number(param.default) or param.annotation in (int, float, "int", "float"):
             raise InputError(f"{key}.{name}", f"must be a number, got {value!r}")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
