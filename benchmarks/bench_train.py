@@ -4,7 +4,7 @@ FLOP utilisation, time waiting for data, and seconds per epoch against the study
     python -m benchmarks.bench_train [--steps 3] [--rounds 2] [--subjects 50] [--workers 2] [--no-compile]
                                      [--compile-precisions 32-true,bf16-mixed] [--no-multitask] [--on-device]
                                      [--precisions 32-true,bf16-mixed,16-mixed] [--diagnose]
-                                     [--compile-mode reduce-overhead] [--compile-optimizer]
+                                     [--compile-mode reduce-overhead] [--compile-optimizer [both]]
 
 Setting (the study's section 3.4): classic U-Net 64-1024 (channels-last, as the model configs set it), batch 10 of
 2 x 256 x 256 fat + water slices of the full-size phantom through the real DataModule and DataLoader (2 workers),
@@ -30,7 +30,9 @@ from ``data.on_device`` (slices gathered in the device's memory, the loader carr
 - **torch.compile** (``model.compile=true``, or ``--compile-mode``): Lightning arm of the compiled network, after
   the others, then the plain loop with the same compiled network; with ``--compile-optimizer`` both of these arms
   also compile the optimiser's update (``model.compile_optimizer``; it compiles at each arm's first step, which
-  the arm drops).
+  the arm drops). ``--compile-optimizer both`` times the compiled network with and without the compiled
+  optimiser side by side: their Lightning arms alternate for ``rounds`` rounds, then one plain arm each;
+  ``optimizer_compile_speedup``.
 - **cuDNN autotuner** (GPU only): the bf16-mixed Lightning arm again with ``trainer.benchmark=true``
   (``torch.backends.cudnn.benchmark``), interleaved with the plain arm; ``cudnn_benchmark_speedup``.
 """
@@ -184,6 +186,7 @@ def plain_arm(module: SegmentationModule, dm, precision: str, steps: int, dev: t
         scaler.step(optimizer)
         scaler.update()
         ends.append(clock.mark())
+        del logits, loss  # as Lightning drops the step's tensors: a compiled network's CUDA-graph outputs stay free
     times = [clock.seconds(a, b) for a, b in zip(ends, ends[1:])]
     del batches, ends
     gc.collect()
@@ -243,7 +246,7 @@ def step_flops(module: SegmentationModule, dev: torch.device, channels: int, bat
 
 def run(steps: int = 3, rounds: int = 2, compile: bool | str = True, multitask: bool = True, subjects: int = 50,
         workers: int = 2, compile_precisions: list[str] | None = None, on_device: bool = False,
-        precisions: list[str] | None = None, diagnose_host: bool = False, compile_optimizer: bool = False) -> dict:
+        precisions: list[str] | None = None, diagnose_host: bool = False, compile_optimizer: bool | str = False) -> dict:
     quiet_third_party()
     host_memory.reuse_freed_memory(True)  # as the entry points run (reuse_host_memory=true)
     dev = device()
@@ -315,27 +318,46 @@ def run(steps: int = 3, rounds: int = 2, compile: bool | str = True, multitask: 
     if compile:
         out["compile_mode"] = compile if isinstance(compile, str) else "default"
         out["compile_optimizer"] = compile_optimizer
-        compiled = study_module(compile=compile, compile_optimizer=compile_optimizer)
+        # arm name -> compiled module; with "both", the optimiser compiled or not, side by side
+        variants = ({"compiled": False, "compiled_optimizer": True} if compile_optimizer == "both"
+                    else {"compiled": bool(compile_optimizer)})
+        modules = {name: study_module(compile=compile, compile_optimizer=opt) for name, opt in variants.items()}
         for p in compile_precisions or precisions:
-            t0 = time.perf_counter()
+            times: dict[str, list[float]] = {name: [] for name in modules}
+            plain_times: dict[str, list[float]] = {name: [] for name in modules}
             try:
-                lightning_arm(compiled, dm, p, 1)  # compiles for this precision
-                out[f"compile_seconds_{tag[p]}"] = time.perf_counter() - t0
-                times, _ = lightning_arm(compiled, dm, p, steps)
-                plain_times = plain_arm(compiled, dm, p, steps, dev)  # the same compiled network, hand-written loop
+                for name, m in modules.items():
+                    t0 = time.perf_counter()
+                    lightning_arm(m, dm, p, 1)  # compiles for this precision
+                    out[f"compile_seconds_{name.replace('compiled', tag[p])}"] = time.perf_counter() - t0
+                # the Lightning arms alternate over the rounds when there are two variants; one round otherwise,
+                # then the plain loop with the same compiled network(s)
+                for r in range(rounds if len(modules) > 1 else 1):
+                    for name in (list(modules) if r % 2 == 0 else list(modules)[::-1]):
+                        times[name] += lightning_arm(modules[name], dm, p, steps)[0]
+                for name, m in modules.items():
+                    plain_times[name] = plain_arm(m, dm, p, steps, dev)  # the same compiled network, own loop
             except Exception as e:  # noqa: BLE001 - keep the figures measured so far
                 out[f"compile_error_{tag[p]}"] = f"{type(e).__name__}: {e}"[:300]
                 print(f"compiled {p}: failed: {out[f'compile_error_{tag[p]}']}", flush=True)
                 continue
-            out[f"step_seconds_lightning_compiled_{tag[p]}"] = median(times)
-            out[f"mfu_compiled_{tag[p]}"] = flops / median(times) / peaks[p]
-            if datasheet[p]:
-                out[f"mfu_datasheet_compiled_{tag[p]}"] = flops / median(times) / datasheet[p]
-            out[f"compile_speedup_{tag[p]}"] = out[f"step_seconds_lightning_{tag[p]}"] / median(times)
-            out[f"step_seconds_plain_compiled_{tag[p]}"] = median(plain_times)
-            out[f"lightning_vs_plain_ratio_compiled_{tag[p]}"] = median(plain_times) / median(times)
-            print(f"compiled {p}: {median(times) * 1e3:.2f} ms/step, plain loop {median(plain_times) * 1e3:.2f}",
-                  flush=True)
+            for name in modules:
+                lt, pt = median(times[name]), median(plain_times[name])
+                out[f"step_seconds_lightning_{name}_{tag[p]}"] = lt
+                out[f"mfu_{name}_{tag[p]}"] = flops / lt / peaks[p]
+                if datasheet[p]:
+                    out[f"mfu_datasheet_{name}_{tag[p]}"] = flops / lt / datasheet[p]
+                out[f"step_seconds_plain_{name}_{tag[p]}"] = pt
+                out[f"lightning_vs_plain_ratio_{name}_{tag[p]}"] = pt / lt
+                print(f"{name} {p}: {lt * 1e3:.2f} ms/step, plain loop {pt * 1e3:.2f}", flush=True)
+            out[f"compile_speedup_{tag[p]}"] = (out[f"step_seconds_lightning_{tag[p]}"]
+                                                / out[f"step_seconds_lightning_compiled_{tag[p]}"])
+            if "compiled_optimizer" in modules:
+                out[f"optimizer_compile_speedup_{tag[p]}"] = (
+                    out[f"step_seconds_lightning_compiled_{tag[p]}"]
+                    / out[f"step_seconds_lightning_compiled_optimizer_{tag[p]}"])
+                print(f"compiled {p}: the optimiser compiled too, {out[f'optimizer_compile_speedup_{tag[p]}']:.3f}x",
+                      flush=True)
 
     if multitask:
         mdm = full_size_datamodule(subjects=subjects, workers=workers, channels=("fat",),
@@ -360,8 +382,9 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--compile-mode", choices=COMPILE_MODES, help="torch.compile mode of the compiled arms")
     ap.add_argument("--compile-precisions", help="comma-separated; default: every precision of the run")
-    ap.add_argument("--compile-optimizer", action="store_true",
-                    help="the compiled arms also compile the optimiser's update (model.compile_optimizer)")
+    ap.add_argument("--compile-optimizer", nargs="?", const="on", choices=("on", "both"),
+                    help="on: the compiled arms also compile the optimiser's update (model.compile_optimizer); "
+                         "both: compiled arms with and without it, side by side")
     ap.add_argument("--no-multitask", action="store_true")
     ap.add_argument("--on-device", action="store_true", help="data.on_device: batches gathered on the device")
     ap.add_argument("--precisions", help="comma-separated, fp32 and bf16-mixed first; default: 32-true,bf16-mixed "
@@ -374,7 +397,7 @@ def main() -> None:
     print(json.dumps(run(args.steps, args.rounds, compile, not args.no_multitask, args.subjects,
                          args.workers, compile_precisions, args.on_device,
                          args.precisions.split(",") if args.precisions else None, args.diagnose,
-                         args.compile_optimizer), indent=2))
+                         {None: False, "on": True}.get(args.compile_optimizer, args.compile_optimizer)), indent=2))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ bench() {  # bench NAME LOG SECONDS ARGS...: one benchmark module under a time l
 #   train_compiled   bench_train with data.on_device, bf16 only, with the compiled network's Lightning arm
 #   train_reduce_overhead  the same in 3 rounds, compiled with mode reduce-overhead (CUDA graphs)
 #   train_reduce_overhead_optimizer  the same with the optimiser's update compiled too (model.compile_optimizer)
+#   train_reduce_overhead_both  the two above in one run: the compiled network with and without the optimiser's
+#                    update compiled, their Lightning arms alternating (optimizer_compile_speedup)
 #   train_on_device  bench_train with data.on_device (slices gathered in the GPU's memory), fp32 / bf16 / fp16
 #   train            bench_train with the host loader, plus torch.compile (bf16) and the multi-task network
 #   train_host       bench_train with the host loader, fp32 and bf16 only, no compile or multi-task (shorter)
@@ -65,6 +67,9 @@ for item in $PLAN; do
     train_reduce_overhead_optimizer) bench bench_train train_reduce_overhead_optimizer 260 --subjects "$SUBJECTS" \
         --workers "$WORKERS" --steps "$STEPS" --rounds 3 --no-multitask --on-device --precisions bf16-mixed \
         --compile-precisions bf16-mixed --compile-mode reduce-overhead --compile-optimizer ;;
+    train_reduce_overhead_both) bench bench_train train_reduce_overhead_both 300 --subjects "$SUBJECTS" \
+        --workers "$WORKERS" --steps "$STEPS" --rounds 3 --no-multitask --on-device --precisions bf16-mixed \
+        --compile-precisions bf16-mixed --compile-mode reduce-overhead --compile-optimizer both ;;
     train_on_device) bench bench_train train_on_device 240 --subjects "$SUBJECTS" --workers "$WORKERS" \
         --steps "$STEPS" --rounds "$ROUNDS" --no-compile --no-multitask --on-device ;;
     train) bench bench_train train 380 --subjects "$SUBJECTS" --workers "$WORKERS" --steps "$STEPS" \
