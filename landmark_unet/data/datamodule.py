@@ -168,7 +168,7 @@ class SliceDataModule(pl.LightningDataModule):
             divisible by ``pad_multiple``); evaluation always sees the whole slice.
         on_device: hold the bodies' slices in the accelerator's memory and gather each batch there
             (:mod:`landmark_unet.data.device_slices`): the loaders carry only slice indices. For GPUs (it copies the
-            cache into the device's memory); 2D slices and depth-5 stacks without ``crop``.
+            cache into the device's memory); 2D slices and depth-5 stacks, random crops cut there too.
     """
 
     def __init__(
@@ -266,9 +266,9 @@ class SliceDataModule(pl.LightningDataModule):
             raise InputError("data.crop", f"must be a positive multiple of {pad_multiple}, got {crop}")
         self.stack = stack
         self.crop = crop
-        if on_device and (stack == 0 or crop is not None):
-            raise InputError("data.on_device", "gathers whole 2D slices and depth-5 stacks only: not with "
-                                               + ("data.stack=0 (3D patches)" if stack == 0 else "data.crop"))
+        if on_device and stack == 0:
+            raise InputError("data.on_device", "gathers 2D slices and depth-5 stacks only: not with data.stack=0 "
+                                               "(3D patches)")
         self.on_device = bool(on_device)
         self._device_slices: dict[tuple[str, torch.device], DeviceSlices] = {}
         self._device_datasets: dict[str, SliceDataset] = {}
@@ -401,7 +401,8 @@ class SliceDataModule(pl.LightningDataModule):
                 generator=None) -> DataLoader:
         if self.on_device:  # slice indices only: transfer_batch_to_device gathers the slices on the device
             self._device_datasets[part] = dataset
-            return DataLoader(SliceRows(dataset.index, part), batch_size=batch_size, sampler=sampler,
+            rows = SliceRows(dataset.index, part, dataset.crop, [e.shape[:2] for e in dataset.entries])
+            return DataLoader(rows, batch_size=batch_size, sampler=sampler,
                               generator=generator, num_workers=0, collate_fn=collate)
         return DataLoader(
             dataset,

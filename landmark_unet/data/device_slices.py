@@ -12,8 +12,9 @@ Memory: the cache's float16 images (C channels), packed uint8 labels and float32
 padded to (H, W): 66 MB of images and 17 MB of labels per full-size two-channel body (256 x 256 x 252), 4.1 GB for
 the study's 50, plus 0.26 MB per map channel of in-plane maps or 66 MB of a 3D map.
 On a CPU it copies the memory-mapped cache into RAM, which the data-side memory target (2 GiB for 50 bodies) does
-not allow: it is for GPUs, and off by default. Random training crops (``data.crop``) and 3D patches (``data.stack=0``)
-stay on the host path.
+not allow: it is for GPUs, and off by default. Random training crops (``data.crop``) are cut on the device from the
+corners :class:`SliceRows` computes from each draw's origin, as the host dataset places them; 3D patches
+(``data.stack=0``) stay on the host path.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from landmark_unet.data.organs import unpack_labels
-from landmark_unet.data.slices import SliceDataset
+from landmark_unet.data.slices import SliceDataset, crop_origin
 
 
 def _starts(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -36,11 +37,21 @@ def _starts(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
 class SliceRows(Dataset):
     """The rows ``[entry, k]`` of a :class:`~landmark_unet.data.slices.SliceDataset`, batched as
     ``{"rows": int64 (B, 2), "part": part}`` (``__getitems__``: one batch per fetch, like the dataset it stands for).
+
+    With ``crop``, each row also carries the corner of its sample's crop window, ``[entry, k, x0, y0]`` (B, 4),
+    placed by the draw's origin (a position ``(position, u, v)`` from
+    :class:`~landmark_unet.data.slices.EpochSampler`) exactly as the host dataset places it
+    (:func:`~landmark_unet.data.slices.crop_origin`); ``shapes`` are the entries' (X, Y).
     """
 
-    def __init__(self, index: np.ndarray, part: str):
+    def __init__(self, index: np.ndarray, part: str, crop: int | None = None,
+                 shapes: Sequence[tuple[int, int]] | None = None):
+        if crop is not None and shapes is None:
+            raise ValueError("SliceRows with a crop needs the entries' shapes")
         self.index = np.asarray(index, dtype=np.int64)
         self.part = part
+        self.crop = crop
+        self.shapes = shapes
 
     def __len__(self) -> int:
         return len(self.index)
@@ -48,8 +59,13 @@ class SliceRows(Dataset):
     def __getitem__(self, i: int) -> dict:
         return self.__getitems__([i])
 
-    def __getitems__(self, positions: Sequence[int]) -> dict:
-        return {"rows": torch.from_numpy(self.index[np.asarray(positions, dtype=np.int64)]), "part": self.part}
+    def __getitems__(self, positions: Sequence) -> dict:
+        origins = [tuple(p[1:]) if isinstance(p, tuple) else None for p in positions]
+        rows = self.index[np.asarray([p[0] if isinstance(p, tuple) else p for p in positions], dtype=np.int64)]
+        if self.crop is not None:
+            corners = [crop_origin(*self.shapes[e], self.crop, o) for e, o in zip(rows[:, 0], origins)]
+            rows = np.concatenate([rows, np.asarray(corners, dtype=np.int64).reshape(-1, 2)], axis=1)
+        return {"rows": torch.from_numpy(rows), "part": self.part}
 
 
 class DeviceSlices:
@@ -60,16 +76,14 @@ class DeviceSlices:
     with in-plane maps holds one slice of them), all zero beyond a body's (X, Y).
 
     Args:
-        dataset: the host-side dataset (its entries, channels, organs, padded size, stack and distance key);
-            its ``crop`` must be None.
+        dataset: the host-side dataset (its entries, channels, organs, padded size, stack, distance key and crop).
         device: where to hold the slices.
     """
 
     def __init__(self, dataset: SliceDataset, device: torch.device | str):
-        if dataset.crop is not None:
-            raise ValueError("random crops are drawn on the host: DeviceSlices takes a dataset without crop")
         self.device = torch.device(device)
         self.stack = dataset.stack
+        self.crop = dataset.crop
         entries = dataset.entries
         h, w = dataset.size
         depths = [int(e.shape[2]) for e in entries]
@@ -108,19 +122,42 @@ class DeviceSlices:
 
     def gather(self, rows: torch.Tensor) -> dict:
         """The batch of :meth:`SliceDataset.__getitems__ <landmark_unet.data.slices.SliceDataset.__getitems__>`
-        for ``rows`` int64 (B, 2) ``[entry, k]`` (on this device): image float32 (B, C, H, W) or (B, C, S, H, W),
-        mask float32 (B, K, H, W), subject, slice and size int64, distance float32 (B, L, [S,] H, W)."""
+        for ``rows`` int64 (B, 2) ``[entry, k]`` (on this device; with a crop (B, 4) ``[entry, k, x0, y0]``,
+        :class:`SliceRows`): image float32 (B, C, H, W) or (B, C, S, H, W), mask float32 (B, K, H, W), subject,
+        slice and size int64, distance float32 (B, L, [S,] H, W); H = W = the crop with one."""
         e, k = rows[:, 0], rows[:, 1]
         half = self.stack // 2
         steps = torch.arange(-half, half + 1, device=rows.device)
         ks = torch.minimum((k[:, None] + steps).clamp(min=0), self.depth[e][:, None] - 1)  # (B, S)
-        image = self.image[self.offset[e][:, None] + ks].float().transpose(1, 2)  # (B, C, S, H, W)
-        packed = self.labels[self.offset[e] + k]  # (B, H, W)
+        window = (lambda t: t) if self.crop is None else self._window(rows)
+        image = window(self.image[self.offset[e][:, None] + ks]).float().transpose(1, 2)  # (B, C, S, H, W)
+        packed = window(self.labels[self.offset[e] + k])  # (B, H, W)
         mask = unpack_labels(packed, self.bits, axis=1).float()  # (B, K, H, W)
+        size = self.sizes[e]
+        if self.crop is not None:  # the part of the window inside the body's (X, Y) (x0 = 0 where X < crop)
+            size = size.clamp(max=self.crop)
         batch = {"image": image[:, :, 0] if self.stack == 1 else image, "mask": mask, "subject": self.subject_ids[e],
-                 "slice": k, "size": self.sizes[e]}
+                 "slice": k, "size": size}
         if self.maps is not None:
             at = self.map_offset[e][:, None] + torch.where(self.map_per_slice[e][:, None], ks, 0)
-            maps = self.maps[at].float().transpose(1, 2)  # (B, L, S, H, W)
+            maps = window(self.maps[at]).float().transpose(1, 2)  # (B, L, S, H, W)
             batch["distance"] = maps[:, :, 0] if self.stack == 1 else maps
         return batch
+
+    def _window(self, rows: torch.Tensor):
+        """A function cutting each sample's ``crop x crop`` window, corner ``rows[:, 2:]``, out of (B, ..., H, W)
+        (any dtype); zero where the window leaves the body's (X, Y), as the host dataset pads it."""
+        b = torch.arange(len(rows), device=rows.device)
+        offsets = torch.arange(self.crop, device=rows.device)
+        xs, ys = rows[:, 2, None] + offsets, rows[:, 3, None] + offsets  # (B, crop) voxel indices
+        sizes = self.sizes[rows[:, 0]]
+        inside = (xs < sizes[:, :1])[:, :, None] & (ys < sizes[:, 1:])[:, None, :]  # (B, crop, crop)
+        h, w = self.image.shape[-2:]
+        xs, ys = xs.clamp(max=h - 1), ys.clamp(max=w - 1)  # a crop larger than the padded slice: masked above
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            out = t.movedim((-2, -1), (1, 2))[b[:, None, None], xs[:, :, None], ys[:, None, :]]  # (B, h, w, ...)
+            out = out.movedim((1, 2), (-2, -1))
+            return out.masked_fill(~inside.view(len(rows), *(1,) * (out.dim() - 3), *inside.shape[1:]), 0)
+
+        return cut

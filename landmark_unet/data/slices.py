@@ -106,12 +106,7 @@ class SliceDataset(Dataset):
         a crop (None: drawn here)."""
         if self.crop is None:
             return 0, 0, *self.size
-        h = w = self.crop
-        if origin is None:
-            origin = torch.rand(2).tolist()
-        x0 = min(int(origin[0] * (max(x - h, 0) + 1)), max(x - h, 0))
-        y0 = min(int(origin[1] * (max(y - w, 0) + 1)), max(y - w, 0))
-        return x0, y0, h, w
+        return (*crop_origin(x, y, self.crop, origin), self.crop, self.crop)
 
     def __getitem__(self, i: int) -> dict:
         batch = self.__getitems__([i])
@@ -169,6 +164,17 @@ class SliceDataset(Dataset):
         if distance is not None:
             batch["distance"] = torch.from_numpy(distance[:, :, 0] if s == 1 else distance)
         return batch
+
+
+def crop_origin(x: int, y: int, crop: int, origin: tuple[float, float] | None) -> tuple[int, int]:
+    """(x0, y0): the corner of a ``crop x crop`` window in a slice of (X, Y) = (``x``, ``y``) voxels, placed by
+    ``origin`` (u, v) in [0, 1) uniformly over the positions that keep it inside the slice (0 along an axis shorter
+    than the crop); None: (u, v) drawn from torch's global generator."""
+    if origin is None:
+        origin = torch.rand(2).tolist()
+    x0 = min(int(origin[0] * (max(x - crop, 0) + 1)), max(x - crop, 0))
+    y0 = min(int(origin[1] * (max(y - crop, 0) + 1)), max(y - crop, 0))
+    return x0, y0
 
 
 def collate(batch):
