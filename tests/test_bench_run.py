@@ -38,3 +38,19 @@ def test_datasheet_peak_names_the_card_and_only_tensor_core_precisions(name, pre
 
     peak = datasheet_peak(name, precision)
     assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
+
+
+def test_roofline_counts_every_norm_and_skip_of_the_unet():
+    """bench_roofline's byte floor against a count by hand: a U-Net of depth 2 and width 4 on 2 x 1 x 32 x 32 has
+    two BatchNorms per block at (4, 32^2), (8, 16^2), (16, 8^2), (8, 16^2), (4, 32^2), and skips at the first two
+    levels; 8 bf16 transfers per normalised element, 2.5 per skip element, 7 fp32 ones per parameter."""
+    from benchmarks.bench_roofline import step_traffic
+    from landmark_unet.models.unet2d import UNet2d
+
+    net = UNet2d(in_channels=1, out_channels=1, features=4, depth=2)
+    params = sum(p.numel() for p in net.parameters())
+    traffic = step_traffic(net, batch=2, in_channels=1, size=32)
+    normalised = 2 * 2 * (4 * 32**2 + 8 * 16**2 + 16 * 8**2 + 8 * 16**2 + 4 * 32**2)
+    skips = 2 * (4 * 32**2 + 8 * 16**2)
+    assert traffic == {"batch norm + ReLU": 8 * 2 * normalised, "pooling and skip gradients": 2.5 * 2 * skips,
+                       "optimiser": 7 * 4 * params}
