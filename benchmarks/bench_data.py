@@ -12,7 +12,8 @@
 3. ``data.on_device``: copies the training bodies' slices into the device's memory
    (:class:`~landmark_unet.data.device_slices.DeviceSlices`) and gathers one shuffled epoch of batches of 10 there,
    each batch's slice indices sent from the host as a training loader sends them: slices per second (on a CPU it
-   measures the gather in RAM; the figure that matters is a GPU's).
+   measures the gather in RAM; the figure that matters is a GPU's); then the same bodies as Table 4's training
+   input, depth-5 stacks with random 208 x 208 crops in batches of 4 (``device_gather_cropped_stacks_per_s``).
 4. Times training steps of the study's 2D model at its fastest here (classic U-Net 64-1024, batch 10 x 2 x 256 x 256,
    RMSprop, channels-last, bf16-mixed) in the same process, fed by the same loader: slices per second the model
    consumes.
@@ -127,7 +128,38 @@ def device_gather(dm, dev, batch_size: int = 10) -> dict:
     out = {"device_gather_train_slices_per_s": rates[1], "device_slices_build_seconds": build,
            "device_slices_gib": store.nbytes() / 2**30}
     del store
+    out["device_gather_cropped_stacks_per_s"] = cropped_stacks_rate(ds, dev, batch_size=4)
     return out
+
+
+def cropped_stacks_rate(ds, dev, batch_size: int, crop: int = 208) -> float:
+    """Depth-5 stacks with random ``crop x crop`` windows (Table 4's training input) gathered per second on
+    ``dev`` from the bodies of ``ds`` (``data.on_device`` with ``data.crop``), in batches of ``batch_size`` (the
+    depth-5 network's 4); rows and corners computed on the host as the loader does."""
+    import copy
+
+    import numpy as np
+
+    from benchmarks.common import sync
+    from landmark_unet.data.device_slices import DeviceSlices, SliceRows
+
+    stacks = copy.copy(ds)  # the same bodies and slices, as depth-5 stacks with crops
+    stacks.stack, stacks.crop = 5, crop
+    store = DeviceSlices(stacks, dev)
+    rows = SliceRows(stacks.index, "train", crop, [e.shape[:2] for e in stacks.entries])
+    rng = np.random.default_rng(0)
+    draws = [(int(p), *rng.random(2).tolist()) for p in rng.permutation(len(stacks))]
+    rates = []
+    for _ in range(2):  # the first pass warms the allocator
+        sync(dev)
+        t0 = time.perf_counter()
+        for i in range(0, len(draws), batch_size):
+            batch = store.gather(rows.__getitems__(draws[i:i + batch_size])["rows"].to(dev, non_blocking=True))
+        sync(dev)
+        rates.append(len(draws) / (time.perf_counter() - t0))
+    assert batch["image"].shape[1:] == (len(ds.channels), 5, crop, crop)
+    del store
+    return rates[1]
 
 
 def run(subjects: int = 50, workers: int = 2, model_steps: int = 3) -> dict:
