@@ -3,6 +3,7 @@ pinning of parallel local jobs."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,9 @@ TINY_DDP = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.
             "trainer.enable_progress_bar=false"]
 NETWORKS = {  # slices spread over the ranks; whole bodies (sliding windows) spread over the ranks
     "2d": ["model.net.features=8", "data.batch_size=8", "data.eval_batch_size=7"],
+    # data.on_device: each rank gathers its share of the rows (training crops included) from its own copy
+    "2d_on_device": ["model.net.features=8", "data.batch_size=8", "data.eval_batch_size=7", "data.on_device=true",
+                     "data.crop=32"],
     "volumetric": ["model=unet3d_full", "model.net.features=8", "data.patch_size=[16,32,32]",
                    "model.net.pool_kernels=[[1,2,2],[2,2,2]]", "model.net.depth=2", "data.samples_per_epoch=8"],
 }
@@ -51,7 +55,8 @@ def _evaluate_one_process(ckpt: str, split_file: Path, out: Path, cwd: Path) -> 
     return json.loads((out / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("network", sorted(NETWORKS))
+@pytest.mark.parametrize("network", [pytest.param(n, marks=pytest.mark.slow) if n == "2d_on_device" else n
+                                     for n in sorted(NETWORKS)])
 def test_ddp_two_processes_give_the_per_body_dice_of_one_process(tmp_path, network):
     """Train with trainer=ddp on 2 CPU processes (gloo), 2 validation and 2 test bodies: the test Dice it reports
     (each body's slices, or for the volumetric network each whole body, spread over both ranks) equals a 1-process
@@ -65,6 +70,9 @@ def test_ddp_two_processes_give_the_per_body_dice_of_one_process(tmp_path, netwo
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "Starting with 2 processes" in ddp.stdout + ddp.stderr
     assert "sync_dist" not in ddp.stdout + ddp.stderr and "DistributedSampler" not in ddp.stdout + ddp.stderr
+    if "data.on_device=true" in NETWORKS[network]:  # both ranks gathered every part they saw on their device
+        gathered = re.findall(r"data.on_device: (\w+) slices", ddp.stdout + ddp.stderr)
+        assert sorted(gathered) == sorted(["train", "val", "test"] * 2), gathered
     with_ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     splits = json.loads((tmp_path / "ddp" / "splits.json").read_text())
     assert len(splits["val"]) == 2 and len(splits["test"]) == 2
