@@ -186,7 +186,7 @@ def plain_arm(module: SegmentationModule, dm, precision: str, steps: int, dev: t
         scaler.step(optimizer)
         scaler.update()
         ends.append(clock.mark())
-        del logits, loss  # as Lightning drops the step's tensors: a compiled network's CUDA-graph outputs stay free
+        del logits, loss  # as Lightning's loop drops its step's tensors
     times = [clock.seconds(a, b) for a, b in zip(ends, ends[1:])]
     del batches, ends
     gc.collect()
