@@ -67,6 +67,12 @@ os.environ.setdefault("LANDMARK_UNET_CACHE", str(Path(os.environ.get("TMPDIR", "
 
 
 # label values of the toy nnU-Net datasets (kidneys split into right and left, as in real datasets)
+# the tiny phantom the training tests run on (6 bodies of 48^3 voxels, generated once per test folder)
+TINY_PHANTOM = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1"]
+# one epoch of a width-4 network on it, in the main process, 3 rounds (2 test bodies each)
+TINY = TINY_PHANTOM + ["model.net.features=4", "data.num_workers=0", "data.batch_size=8", "data.split.rounds=3",
+                       "trainer.max_epochs=1"]
+
 TOY_LABELS = {"background": 0, "liver": 1, "kidney_right": 2, "kidney_left": 3, "pancreas": 4, "spleen": 5,
               "urinary_bladder": 6}
 TOY_LABEL_NAMES = {"liver": ["liver"], "kidneys": ["kidney_right", "kidney_left"], "pancreas": ["pancreas"],

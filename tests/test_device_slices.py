@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose_train, write_toy_subject
+from conftest import TINY, compose_train, write_toy_subject
 
 from landmark_unet.data.cache import CacheJob, build_cache, ensure_distance_maps
 from landmark_unet.data.device_slices import DeviceSlices, SliceRows
@@ -89,10 +89,6 @@ def test_cropped_batches_equal_the_host_datasets(entries, stack, crop):
         assert torch.equal(got[name], expected[name]), name
     assert got["image"].shape[-2:] == (crop, crop)
     assert got["image"].abs().sum() > 0 and got["mask"].sum() > 0  # the windows hold the bodies, not only zeros
-
-
-TINY = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1", "model.net.features=4",
-        "data.num_workers=0", "data.batch_size=8", "data.split.rounds=3", "trainer.max_epochs=1"]
 
 
 def test_on_device_refuses_patches(tmp_path):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_PHANTOM
 from omegaconf import OmegaConf
 
 from landmark_unet.data.slices import EvalShardSampler
@@ -33,7 +34,7 @@ def test_eval_shards_cover_every_sample_exactly_once(n, world):
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
-TINY_DDP = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
+TINY_DDP = TINY_PHANTOM + [
             "optim=adam", "model.optimizer.lr=3e-3", "data.sampling=oversample", "data.num_workers=0",
             "data.split.rounds=3", "data.split.val_fraction=0.5", "trainer.max_epochs=6", "~callbacks.progress",
             "trainer.enable_progress_bar=false"]

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_PHANTOM
 
 # every source of randomness an epoch has: oversampled draws with their random crops, read by loader worker
 # processes, on-device augmentation (the depth-5 model, cheap at this size); about 1 s training epochs, so that a kill
 # lands inside a run
-RUN = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1", "model=unet3d",
+RUN = TINY_PHANTOM + ["model=unet3d",
        "model.net.features=4", "data.num_workers=2", "data.crop=32", "data.batch_size=2", "data.split.rounds=3",
        "data.sampling=oversample", "data.foreground_fraction=0.3", "augmentation=all", "trainer.max_epochs=3",
        "trainer.deterministic=true", "~callbacks.progress", "trainer.enable_progress_bar=false"]

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import TINY, compose_train
 from hydra.utils import instantiate
 from monai.losses import DiceCELoss as MonaiDiceCELoss
 
@@ -120,10 +120,6 @@ def test_recipe_options_train(tmp_path, overrides):
     assert cfg.model.loss._target_.endswith("DiceBCELoss")
     metrics = train(cfg)
     assert math.isfinite(metrics["history"]["val/loss"][0])
-
-
-TINY = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1", "model.net.features=4",
-        "data.num_workers=0", "data.batch_size=8", "data.split.rounds=3", "trainer.max_epochs=1"]
 
 
 def test_softmax_head_trains_and_predicts_without_overlaps(tmp_path):

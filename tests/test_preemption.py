@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import compose_train
+from conftest import TINY_PHANTOM, compose_train
 from omegaconf import OmegaConf
 
 from landmark_unet.lit.segmentation import SegmentationModule
 from landmark_unet.train import train
 
-RUN = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
+RUN = TINY_PHANTOM + [
        "model.net.features=4", "data.num_workers=0", "data.batch_size=4", "data.eval_batch_size=8",
        "data.split.rounds=3", "data.sampling=oversample", "trainer.max_epochs=3", "trainer.deterministic=true",
        "optim=adam", "model.optimizer.lr=3e-3", "augmentation=all", "data.crop=32", "data.foreground_fraction=0.3"]

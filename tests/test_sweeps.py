@@ -7,16 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF_DIR
+from conftest import CONF_DIR, TINY
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from hydra_plugins.landmark_unet_sweeper.grid import expand
 from landmark_unet.config import validate
-
-TINY = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
-        "model.net.features=4", "data.num_workers=0", "data.batch_size=8", "data.split.rounds=3",
-        "trainer.max_epochs=1"]
 
 # jobs per table: rows (or grid cells) x the study's 5 rounds
 EXPECTED_JOBS = {"table1": 6 * 5, "table2": 3 * 5 * 5, "table3": 3 * 5 * 5, "table4": 8 * 5, "table5": 3 * 5 * 5}

@@ -7,14 +7,13 @@ import sys
 
 import pytest
 import torch
-from conftest import compose_train
+from conftest import TINY_PHANTOM, compose_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from landmark_unet.runinfo import summary_lines
 from landmark_unet.train import train
 
-TINY = ["data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
-        "model.net.features=4", "data.num_workers=0", "data.batch_size=8", "data.split.rounds=3"]
+TINY = TINY_PHANTOM + ["model.net.features=4", "data.num_workers=0", "data.batch_size=8", "data.split.rounds=3"]
 
 
 def tensorboard_tags(tb_dir) -> dict[str, set]:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import TINY_PHANTOM
 
 from landmark_unet.models.unet3d_full import Conv3d, UNet3dFull, pooling_plan, size_multiple
 
@@ -101,7 +102,7 @@ def test_input_not_divisible_is_rejected():
         build(depth=2)(torch.randn(1, 2, 6, 8, 8))
 
 
-TINY_3D = ["model=unet3d_full", "data.phantom.n_subjects=6", "data.phantom.shape=[48,48,48]", "data.phantom.workers=1",
+TINY_3D = TINY_PHANTOM + ["model=unet3d_full",
            "model.net.features=4", "data.num_workers=0", "data.split.rounds=3", "trainer.max_epochs=1",
            "data.patch_size=[16,32,32]", "model.net.pool_kernels=[[1,2,2],[2,2,2]]", "model.net.depth=2",
            "data.samples_per_epoch=4"]
