@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from landmark_unet.data.organs import unpack_labels
-from landmark_unet.data.slices import SliceDataset, crop_origin
+from landmark_unet.data.slices import SliceDataset, crop_corner
 
 
 def _starts(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -41,7 +41,7 @@ class SliceRows(Dataset):
     With ``crop``, each row also carries the corner of its sample's crop window, ``[entry, k, x0, y0]`` (B, 4),
     placed by the draw's origin (a position ``(position, u, v)`` from
     :class:`~landmark_unet.data.slices.EpochSampler`) exactly as the host dataset places it
-    (:func:`~landmark_unet.data.slices.crop_origin`); ``shapes`` are the entries' (X, Y).
+    (:func:`~landmark_unet.data.slices.crop_corner`); ``shapes`` are the entries' (X, Y).
     """
 
     def __init__(self, index: np.ndarray, part: str, crop: int | None = None,
@@ -63,7 +63,7 @@ class SliceRows(Dataset):
         origins = [tuple(p[1:]) if isinstance(p, tuple) else None for p in positions]
         rows = self.index[np.asarray([p[0] if isinstance(p, tuple) else p for p in positions], dtype=np.int64)]
         if self.crop is not None:
-            corners = [crop_origin(*self.shapes[e], self.crop, o) for e, o in zip(rows[:, 0], origins)]
+            corners = [crop_corner(*self.shapes[e], self.crop, o) for e, o in zip(rows[:, 0], origins)]
             rows = np.concatenate([rows, np.asarray(corners, dtype=np.int64).reshape(-1, 2)], axis=1)
         return {"rows": torch.from_numpy(rows), "part": self.part}
 

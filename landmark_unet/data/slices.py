@@ -106,7 +106,7 @@ class SliceDataset(Dataset):
         a crop (None: drawn here)."""
         if self.crop is None:
             return 0, 0, *self.size
-        return (*crop_origin(x, y, self.crop, origin), self.crop, self.crop)
+        return (*crop_corner(x, y, self.crop, origin), self.crop, self.crop)
 
     def __getitem__(self, i: int) -> dict:
         batch = self.__getitems__([i])
@@ -166,7 +166,7 @@ class SliceDataset(Dataset):
         return batch
 
 
-def crop_origin(x: int, y: int, crop: int, origin: tuple[float, float] | None) -> tuple[int, int]:
+def crop_corner(x: int, y: int, crop: int, origin: tuple[float, float] | None) -> tuple[int, int]:
     """(x0, y0): the corner of a ``crop x crop`` window in a slice of (X, Y) = (``x``, ``y``) voxels, placed by
     ``origin`` (u, v) in [0, 1) uniformly over the positions that keep it inside the slice (0 along an axis shorter
     than the crop); None: (u, v) drawn from torch's global generator."""
