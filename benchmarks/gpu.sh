@@ -76,8 +76,8 @@ for item in $PLAN; do
         --rounds "$ROUNDS" --compile-precisions bf16-mixed ;;
     train_host) bench bench_train train_host 150 --subjects "$SUBJECTS" --workers "$WORKERS" --steps "$STEPS" \
         --rounds "$ROUNDS" --no-compile --no-multitask --precisions 32-true,bf16-mixed ;;
-    inference_bf16) bench bench_inference inference_bf16 45 --precision bf16-mixed --batch 64 ;;
-    inference_fp16) bench bench_inference inference_fp16 50 --precision 16-mixed --batch 64 ;;
+    inference_bf16) bench bench_inference inference_bf16 120 --precision bf16-mixed --batch 64 ;;  # its compiled arms compile 2 networks
+    inference_fp16) bench bench_inference inference_fp16 130 --precision 16-mixed --batch 64 ;;
     gradients) bench bench_precision gradients 90 --no-train ;;
     models) bench bench_models models 60 --steps 3 ;;
     data) bench bench_data data 70 --subjects "$SUBJECTS" --workers "$WORKERS" ;;
