@@ -69,8 +69,8 @@ def gradient_fidelity(batches: int = 10, train_steps: int = 200) -> dict:
         dm.prepare_data()
         dm.setup("fit")
 
-        def to_device(batch: dict) -> dict:
-            return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        def to_device(batch: dict) -> dict:  # as in training: float32 image and mask on the device
+            return dm.transfer_batch_to_device(batch, device, 0)
 
         held = [to_device(b) for b in itertools.islice(dm.train_dataloader(), batches)]  # the gradients' batches
 

@@ -55,6 +55,27 @@ def test_gathered_batches_equal_the_host_datasets(entries, stack, space):
                                  for t in (store.image, store.labels, *([] if store.maps is None else [store.maps])))
 
 
+def test_slice_batches_travel_compact_and_widen_to_the_same_float32_values(entries):
+    """Through the loader a batch carries the cache's float16 image and a uint8 mask (2.4x fewer bytes for two
+    channels and one organ); widen (the DataModule's transfer to the device) gives float32 of the same values, and
+    leaves float32 distance maps and index fields alone."""
+    from landmark_unet.data.slices import widen
+
+    key = map_key(entries, "volume")
+    index = slice_index(entries, ["liver"], organ_slices_only=False)
+    ds = SliceDataset(entries, [0, 1], index, [0, 1], ["liver"], (32, 32), distance_key=key)
+    batch = ds.__getitems__([3, 20, 7])
+    assert (batch["image"].dtype, batch["mask"].dtype, batch["distance"].dtype) == (
+        torch.float16, torch.uint8, torch.float32)
+    assert set(batch["mask"].unique().tolist()) == {0, 1}
+    wide = widen(batch)
+    assert wide["image"].dtype == wide["mask"].dtype == torch.float32
+    assert torch.equal(wide["image"], batch["image"].double().float()) and torch.equal(wide["mask"].long(),
+                                                                                        batch["mask"].long())
+    assert wide["distance"] is batch["distance"] and wide["slice"] is batch["slice"]
+    assert widen(wide)["image"] is wide["image"]  # a float32 batch (3D patches, bodies) passes unchanged
+
+
 def test_rows_loader_batches_through_collate(entries):
     index = slice_index(entries, ["liver"], organ_slices_only=False)
     loader = torch.utils.data.DataLoader(SliceRows(index, "val"), batch_size=4, sampler=[5, 1, 20, 2],

@@ -51,6 +51,7 @@ from landmark_unet.data.slices import (
     epoch_seed,
     padded_size,
     slice_index,
+    widen,
 )
 from landmark_unet.data.sources import read_case
 from landmark_unet.data.splits import load_split, make_split, save_split
@@ -477,17 +478,19 @@ class SliceDataModule(pl.LightningDataModule):
         """With ``on_device``: a batch of slice indices ``{"rows", "part"}`` becomes, on ``device``, the batch of
         slices :class:`~landmark_unet.data.slices.SliceDataset` would have built, gathered from the part's bodies
         held in the device's memory (copied there at the part's first batch). Any other batch is moved as usual.
-        (Not ``on_after_batch_transfer``: the LightningModule's, its augmentation, must still run after this.)"""
+        Either way a slice batch's float16 image and uint8 mask become float32 on the device
+        (:func:`~landmark_unet.data.slices.widen`). (Not ``on_after_batch_transfer``: the LightningModule's, its
+        augmentation, must still run after this.)"""
         batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
         if not (isinstance(batch, dict) and "rows" in batch):
-            return batch
+            return widen(batch) if isinstance(batch, dict) else batch
         rows = batch["rows"]
         key = (batch["part"], rows.device)
         if key not in self._device_slices:
             self._device_slices[key] = DeviceSlices(self._device_datasets[batch["part"]], rows.device)
             log.info("data.on_device: %s slices on %s, %.2f GiB", batch["part"], rows.device,
                      self._device_slices[key].nbytes() / 2**30)
-        return self._device_slices[key].gather(rows)
+        return widen(self._device_slices[key].gather(rows))
 
     def panel_position(self) -> int | None:
         """Position, in the validation loader's order, of the slice shown in the TensorBoard image panel: the

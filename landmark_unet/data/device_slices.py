@@ -123,16 +123,17 @@ class DeviceSlices:
     def gather(self, rows: torch.Tensor) -> dict:
         """The batch of :meth:`SliceDataset.__getitems__ <landmark_unet.data.slices.SliceDataset.__getitems__>`
         for ``rows`` int64 (B, 2) ``[entry, k]`` (on this device; with a crop (B, 4) ``[entry, k, x0, y0]``,
-        :class:`SliceRows`): image float32 (B, C, H, W) or (B, C, S, H, W), mask float32 (B, K, H, W), subject,
-        slice and size int64, distance float32 (B, L, [S,] H, W); H = W = the crop with one."""
+        :class:`SliceRows`): image float16 (B, C, H, W) or (B, C, S, H, W), mask uint8 (B, K, H, W), subject,
+        slice and size int64, distance float32 (B, L, [S,] H, W); H = W = the crop with one
+        (:func:`~landmark_unet.data.slices.widen` makes image and mask float32)."""
         e, k = rows[:, 0], rows[:, 1]
         half = self.stack // 2
         steps = torch.arange(-half, half + 1, device=rows.device)
         ks = torch.minimum((k[:, None] + steps).clamp(min=0), self.depth[e][:, None] - 1)  # (B, S)
         window = (lambda t: t) if self.crop is None else self._window(rows)
-        image = window(self.image[self.offset[e][:, None] + ks]).float().transpose(1, 2)  # (B, C, S, H, W)
+        image = window(self.image[self.offset[e][:, None] + ks]).transpose(1, 2)  # (B, C, S, H, W)
         packed = window(self.labels[self.offset[e] + k])  # (B, H, W)
-        mask = unpack_labels(packed, self.bits, axis=1).float()  # (B, K, H, W)
+        mask = unpack_labels(packed, self.bits, axis=1).to(torch.uint8)  # (B, K, H, W)
         size = self.sizes[e]
         if self.crop is not None:  # the part of the window inside the body's (X, Y) (x0 = 0 where X < crop)
             size = size.clamp(max=self.crop)
