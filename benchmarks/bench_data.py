@@ -109,6 +109,7 @@ def device_gather(dm, dev, batch_size: int = 10) -> dict:
 
     from benchmarks.common import sync
     from landmark_unet.data.device_slices import DeviceSlices
+    from landmark_unet.data.slices import widen
 
     ds = dm.dataset("train", organ_slices_only=True)
     t0 = time.perf_counter()
@@ -121,7 +122,7 @@ def device_gather(dm, dev, batch_size: int = 10) -> dict:
         sync(dev)
         t0 = time.perf_counter()
         for i in range(0, len(order), batch_size):
-            batch = store.gather(torch.from_numpy(order[i:i + batch_size]).to(dev, non_blocking=True))
+            batch = widen(store.gather(torch.from_numpy(order[i:i + batch_size]).to(dev, non_blocking=True)))
         sync(dev)
         rates.append(len(order) / (time.perf_counter() - t0))
     assert batch["image"].shape[1:] == (len(ds.channels), *ds.size)
@@ -142,6 +143,7 @@ def cropped_stacks_rate(ds, dev, batch_size: int, crop: int = 208) -> float:
 
     from benchmarks.common import sync
     from landmark_unet.data.device_slices import DeviceSlices, SliceRows
+    from landmark_unet.data.slices import widen
 
     stacks = copy.copy(ds)  # the same bodies and slices, as depth-5 stacks with crops
     stacks.stack, stacks.crop = 5, crop
@@ -154,7 +156,7 @@ def cropped_stacks_rate(ds, dev, batch_size: int, crop: int = 208) -> float:
         sync(dev)
         t0 = time.perf_counter()
         for i in range(0, len(draws), batch_size):
-            batch = store.gather(rows.__getitems__(draws[i:i + batch_size])["rows"].to(dev, non_blocking=True))
+            batch = widen(store.gather(rows.__getitems__(draws[i:i + batch_size])["rows"].to(dev, non_blocking=True)))
         sync(dev)
         rates.append(len(draws) / (time.perf_counter() - t0))
     assert batch["image"].shape[1:] == (len(ds.channels), 5, crop, crop)
