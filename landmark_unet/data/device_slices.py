@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from landmark_unet.data.organs import unpack_labels
-from landmark_unet.data.slices import SliceDataset, crop_corner
+from landmark_unet.data.slices import SliceDataset, crop_corner, split_draws
 
 
 def _starts(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -60,8 +60,8 @@ class SliceRows(Dataset):
         return self.__getitems__([i])
 
     def __getitems__(self, positions: Sequence) -> dict:
-        origins = [tuple(p[1:]) if isinstance(p, tuple) else None for p in positions]
-        rows = self.index[np.asarray([p[0] if isinstance(p, tuple) else p for p in positions], dtype=np.int64)]
+        positions, origins = split_draws(positions)
+        rows = self.index[positions]
         if self.crop is not None:
             corners = [crop_corner(*self.shapes[e], self.crop, o) for e, o in zip(rows[:, 0], origins)]
             rows = np.concatenate([rows, np.asarray(corners, dtype=np.int64).reshape(-1, 2)], axis=1)

@@ -124,9 +124,8 @@ class SliceDataset(Dataset):
         leading batch axis. Each body's slices are read with one gather from its memory-mapped cache files, so a
         batch costs one file open per body and array, not one per sample; equal to collating ``self[i]`` one by
         one. A position may come with its draw's crop origin, ``(position, u, v)`` (:class:`EpochSampler`)."""
-        origins = [tuple(p[1:]) if isinstance(p, tuple) else None for p in positions]
-        positions = [p[0] if isinstance(p, tuple) else p for p in positions]
-        rows = self.index[np.asarray(positions, dtype=np.int64)]
+        positions, origins = split_draws(positions)
+        rows = self.index[positions]
         n, c, s, k = len(rows), len(self.channels), self.stack, len(self.bits)
         shapes = [self.entries[e].shape for e in rows[:, 0]]
         windows = [self._window(x, y, o) for (x, y, _), o in zip(shapes, origins)]
@@ -168,6 +167,13 @@ class SliceDataset(Dataset):
         if distance is not None:
             batch["distance"] = torch.from_numpy(distance[:, :, 0] if s == 1 else distance)
         return batch
+
+
+def split_draws(draws: Sequence) -> tuple[np.ndarray, list[tuple[float, float] | None]]:
+    """A batch of sampler draws, each a position or ``(position, u, v)`` (:class:`EpochSampler` with
+    ``crop_origins``), as int64 positions and their crop origins (None where a draw has none)."""
+    positions = np.asarray([d[0] if isinstance(d, tuple) else d for d in draws], dtype=np.int64)
+    return positions, [tuple(d[1:]) if isinstance(d, tuple) else None for d in draws]
 
 
 def crop_corner(x: int, y: int, crop: int, origin: tuple[float, float] | None) -> tuple[int, int]:
